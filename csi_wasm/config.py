@@ -1,0 +1,196 @@
+"""Configuration: frozen dataclasses, built by the CLI from flags and the node config file.
+
+Security-relevant settings (plain-HTTP registries, CA bundles, mirrors, size caps)
+live only here, in node configuration an admin controls, never in volume
+attributes that any pod author can set.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+import yaml
+
+MiB = 1024 * 1024
+_DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """The node configuration is invalid; the message names the bad key."""
+
+
+@dataclass(frozen=True)
+class RegistryHostConfig:
+    """Per-registry settings, keyed by registry host[:port]."""
+
+    insecure: bool = False  # plain HTTP; only for hosts an admin names
+    ca_bundle: str | None = None  # extra CA bundle (PEM file) to verify this host
+    mirrors: tuple[str, ...] = ()  # hosts tried in order before the upstream
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 30.0
+    download_timeout_seconds: float = 600.0  # a whole blob; downloads outlive the call
+    attempts: int = 3  # for transient failures only (connection refused/reset, 5xx, 429)
+    max_manifest_bytes: int = 4 * MiB
+    max_module_bytes: int = 256 * MiB
+    tag_cache_seconds: float = 300.0
+    max_concurrent_downloads: int = 4
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    gc_grace_seconds: float = 24 * 3600.0
+    max_store_bytes: int = 0  # 0: no cap
+    min_free_bytes: int = 512 * MiB
+    auth_cache_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What the node config file (``--config``, usually a ConfigMap) holds."""
+
+    registries: Mapping[str, RegistryHostConfig] = field(default_factory=dict)
+    pull: PullConfig = field(default_factory=PullConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    docker_config: str | None = None  # node-wide credentials (docker config.json)
+    prepull: tuple[str, ...] = ()
+
+    def registry(self, host: str) -> RegistryHostConfig:
+        return self.registries.get(host, RegistryHostConfig())
+
+    def with_insecure(self, hosts: list[str]) -> NodeConfig:
+        merged = dict(self.registries)
+        for host in hosts:
+            merged[host] = replace(merged.get(host, RegistryHostConfig()), insecure=True)
+        return replace(self, registries=merged)
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    driver_name: str
+    node_id: str
+    endpoint: str
+    state_dir: pathlib.Path
+    kubelet_dir: pathlib.Path
+    node: NodeConfig = field(default_factory=NodeConfig)
+
+    def __post_init__(self) -> None:
+        if not _DRIVER_NAME.match(self.driver_name):
+            raise ConfigError(
+                f"driver name {self.driver_name!r}: 1-63 characters, letters, digits, '-', '.', '_', "
+                "beginning and ending with a letter or digit"
+            )
+        if not self.node_id:
+            raise ConfigError("node id is empty: pass --node-id or set NODE_ID")
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path_of(self.endpoint)
+
+
+def socket_path_of(endpoint: str) -> str:
+    """``unix:///csi/csi.sock``, ``unix:/csi/csi.sock`` or a bare path -> the path."""
+    for prefix in ("unix://", "unix:"):
+        if endpoint.startswith(prefix):
+            endpoint = endpoint[len(prefix) :]
+            break
+    if not endpoint.startswith("/"):
+        raise ConfigError(f"endpoint {endpoint!r}: expected an absolute unix socket path")
+    return endpoint
+
+
+def load_node_config(path: pathlib.Path) -> NodeConfig:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read node config {path}: {exc}") from exc
+    return parse_node_config(raw)
+
+
+def parse_node_config(raw: Any) -> NodeConfig:
+    data = _mapping(raw, "config")
+    _reject_unknown(data, NodeConfig, "config")
+    registries = {
+        host: _registry(value, f"registries.{host}")
+        for host, value in _mapping(data.get("registries", {}), "registries").items()
+    }
+    return NodeConfig(
+        registries=registries,
+        pull=_section(data.get("pull", {}), PullConfig, "pull"),
+        store=_section(data.get("store", {}), StoreConfig, "store"),
+        docker_config=_optional_str(data.get("docker_config"), "docker_config"),
+        prepull=tuple(_str_list(data.get("prepull", []), "prepull")),
+    )
+
+
+def _registry(raw: Any, where: str) -> RegistryHostConfig:
+    data = _mapping(raw, where)
+    _reject_unknown(data, RegistryHostConfig, where)
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{where}.insecure: expected true or false, got {insecure!r}")
+    return RegistryHostConfig(
+        insecure=insecure,
+        ca_bundle=_optional_str(data.get("ca_bundle"), f"{where}.ca_bundle"),
+        mirrors=tuple(_str_list(data.get("mirrors", []), f"{where}.mirrors")),
+    )
+
+
+def _section(raw: Any, cls: type, where: str) -> Any:
+    data = _mapping(raw, where)
+    _reject_unknown(data, cls, where)
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        expected = type(getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}.{key}: must not be negative, got {value!r}")
+        values[key] = expected(value)
+    return cls(**values)
+
+
+def _mapping(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _reject_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _optional_str(raw: Any, where: str) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
+    raise ConfigError(f"{where}: expected a string, got {raw!r}")
+
+
+def _str_list(raw: Any, where: str) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+    return raw
+
+
+def describe(config: NodeConfig) -> str:
+    """A loggable one-line summary (the config holds no secrets, only file names)."""
+    return json.dumps(
+        {
+            "registries": {h: vars(c) | {"mirrors": list(c.mirrors)} for h, c in config.registries.items()},
+            "pull": vars(config.pull),
+            "store": vars(config.store),
+            "prepull": list(config.prepull),
+        },
+        sort_keys=True,
+    )

@@ -1,0 +1,114 @@
+"""Run Debian's ``docker-registry`` (the CNCF distribution registry) on 127.0.0.1 for demos and tests."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import yaml
+
+_LISTENING = re.compile(r"listening on (?:\[::\]|127\.0\.0\.1|[\d.]+):(\d+)")
+BINARY = "docker-registry"
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    username: str
+    password: str
+
+
+class LocalRegistry:
+    """A real registry process. ``host`` is ``127.0.0.1:<port>``; ``log_lines`` records its requests."""
+
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        auth: RegistryAuth | None = None,
+        tls: tuple[pathlib.Path, pathlib.Path] | None = None,
+    ) -> None:
+        if shutil.which(BINARY) is None:
+            raise RuntimeError(f"{BINARY} not found: apt-get install -y docker-registry")
+        self.workdir = workdir
+        self.auth = auth
+        self.tls = tls
+        self.log_lines: list[str] = []
+        self._process: subprocess.Popen[str] | None = None
+        self._port: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def host(self) -> str:
+        assert self._port is not None, "registry not started"
+        return f"127.0.0.1:{self._port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def start(self, timeout: float = 10.0) -> LocalRegistry:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "info", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")}, "delete": {"enabled": True}},
+            "http": {"addr": "127.0.0.1:0", "secret": "csi-wasm-demo"},
+        }
+        if self.auth:
+            config["auth"] = {"htpasswd": {"realm": "csi-wasm", "path": str(self._htpasswd())}}
+        if self.tls:
+            config["http"] = dict(config["http"], tls={"certificate": str(self.tls[0]), "key": str(self.tls[1])})  # type: ignore[arg-type]
+        config_path = self.workdir / "config.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        self._process = subprocess.Popen(
+            [BINARY, "serve", str(config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        ready = threading.Event()
+        threading.Thread(target=self._read_log, args=(ready,), daemon=True).start()
+        if not ready.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"{BINARY} did not report its port within {timeout}s: {self.log_lines[-5:]}")
+        return self
+
+    def _read_log(self, ready: threading.Event) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        for line in self._process.stderr:
+            with self._lock:
+                self.log_lines.append(line)
+            match = _LISTENING.search(line)
+            if match and self._port is None:
+                self._port = int(match.group(1))
+                ready.set()
+
+    def _htpasswd(self) -> pathlib.Path:
+        assert self.auth is not None
+        if shutil.which("htpasswd") is None:
+            raise RuntimeError("htpasswd not found: apt-get install -y apache2-utils")
+        line = subprocess.run(
+            ["htpasswd", "-Bbn", self.auth.username, self.auth.password], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        path = self.workdir / "htpasswd"
+        path.write_text(line + "\n")
+        return path
+
+    def requests_matching(self, pattern: str) -> int:
+        """How many requests the registry logged whose line matches ``pattern`` (e.g. a blob GET)."""
+        regex = re.compile(pattern)
+        with self._lock:
+            return sum(1 for line in self.log_lines if regex.search(line))
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def __enter__(self) -> LocalRegistry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

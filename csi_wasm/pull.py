@@ -1,0 +1,374 @@
+"""Get a module into the store: resolve the reference, select the layer, stream, verify.
+
+``Puller.ensure`` is what a publish calls. It answers from the store when it can
+(pinned digest already stored, or a tag resolved within ``tag_cache_seconds``) so
+the hot path makes no network call, and otherwise pulls. Downloads are
+single-flight per layer digest and run on their own bounded pool, so a download
+outlives the gRPC call that started it and kubelet's retry joins it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import hashlib
+import io
+import logging
+import posixpath
+import tarfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from csi_wasm.config import PullConfig
+from csi_wasm.credentials import Credentials
+from csi_wasm.errors import (
+    AccessDenied,
+    DigestMismatch,
+    DriverError,
+    InvalidRequest,
+    ModuleNotFound,
+    RegistryTimeout,
+    TooLarge,
+    UnsupportedLayout,
+)
+from csi_wasm.layouts import ModuleLayer, is_index, select_from_index, select_module_layer
+from csi_wasm.logs import event
+from csi_wasm.metrics import Metrics
+from csi_wasm.reference import Reference
+from csi_wasm.registry import FetchedManifest, RegistryClient
+from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
+
+log = logging.getLogger("csi_wasm.pull")
+MODULE_IN_TAR = "plugin.wasm"
+# A gzip layer may not inflate past this many times the module cap (gzip bomb guard).
+INFLATE_FACTOR = 4
+
+
+class PullPolicy(enum.Enum):
+    IF_NOT_PRESENT = "IfNotPresent"
+    ALWAYS = "Always"
+    NEVER = "Never"
+
+    @classmethod
+    def parse(cls, text: str) -> PullPolicy:
+        for policy in cls:
+            if policy.value == text:
+                return policy
+        raise InvalidRequest(f"pullPolicy {text[:40]!r}: expected IfNotPresent, Always or Never")
+
+
+@dataclass(frozen=True)
+class ModuleRequest:
+    ref: Reference
+    policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    credentials: Credentials | None = None
+    module_digest: str | None = None  # the pod's moduleDigest attribute, if any
+
+
+@dataclass(frozen=True)
+class ResolvedModule:
+    digest: str
+    size: int
+    manifest_digest: str
+    layout: str
+    from_cache: bool
+
+
+@dataclass(frozen=True)
+class _TagEntry:
+    manifest_digest: str
+    resolved_at: float
+
+
+class Puller:
+    def __init__(
+        self,
+        store: ModuleStore,
+        client: RegistryClient,
+        config: PullConfig,
+        metrics: Metrics,
+        auth_cache_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._config = config
+        self._metrics = metrics
+        self._auth_cache_seconds = auth_cache_seconds
+        self._clock = clock
+        self._tags: dict[str, _TagEntry] = {}
+        self._authorized: dict[tuple[str, str, str], float] = {}
+        self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, config.max_concurrent_downloads), thread_name_prefix="download"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the entry point -------------------------------------------------
+
+    def ensure(self, request: ModuleRequest, deadline: float | None = None) -> ResolvedModule:
+        cached = self._from_store(request)
+        if cached is not None:
+            self._metrics.cache_lookups.labels("hit").inc()
+            return self._checked(request, cached)
+        self._metrics.cache_lookups.labels("miss").inc()
+        if request.policy is PullPolicy.NEVER:
+            raise ModuleNotFound(
+                f"image {request.ref}: not in the node's store and pullPolicy is Never; "
+                "pre-pull it with `csi-wasm pull` or use IfNotPresent"
+            )
+        return self._checked(request, self._pull(request, deadline))
+
+    def _checked(self, request: ModuleRequest, module: ResolvedModule) -> ResolvedModule:
+        if request.module_digest and module.digest != request.module_digest:
+            raise DigestMismatch(
+                f"image {request.ref}: module digest {module.digest} does not match moduleDigest "
+                f"{request.module_digest}"
+            )
+        return module
+
+    # -- answering from the store ----------------------------------------
+
+    def _from_store(self, request: ModuleRequest) -> ResolvedModule | None:
+        ref = request.ref
+        if ref.digest is not None:
+            manifest_digest: str | None = ref.digest
+        elif request.policy is PullPolicy.ALWAYS:
+            return None
+        else:
+            manifest_digest = self._cached_tag(ref, fresh_only=request.policy is PullPolicy.IF_NOT_PRESENT)
+        if manifest_digest is None:
+            return None
+        entry = self._store.manifest(manifest_digest)
+        if entry is None or not self._store.has(entry.module_digest):
+            return None
+        if entry.needs_auth:
+            self._authorize(request, entry)
+        return ResolvedModule(entry.module_digest, entry.size, entry.manifest_digest, entry.layout, True)
+
+    def _cached_tag(self, ref: Reference, fresh_only: bool) -> str | None:
+        key = str(ref)
+        with self._lock:
+            entry = self._tags.get(key)
+        if entry is None:
+            return None
+        if fresh_only and self._clock() - entry.resolved_at > self._config.tag_cache_seconds:
+            return None
+        return entry.manifest_digest
+
+    def _authorize(self, request: ModuleRequest, entry: ManifestEntry) -> None:
+        """A private module is on the node: prove this pod may read it before sharing it."""
+        ref, creds = request.ref, request.credentials
+        if creds is None:
+            raise AccessDenied(
+                f"image {ref} is private; this pod sent no credentials (set nodePublishSecretRef on the volume)"
+            )
+        key = (creds.fingerprint, ref.name, entry.manifest_digest)
+        with self._lock:
+            until = self._authorized.get(key, 0.0)
+        if until > self._clock():
+            return
+        if request.policy is PullPolicy.NEVER:
+            raise AccessDenied(f"image {ref} is private and pullPolicy Never forbids checking access")
+        self._client.fetch_manifest(ref, creds, key=entry.manifest_digest)
+        self._remember_authorized(creds, ref, entry.manifest_digest)
+
+    def _remember_authorized(self, creds: Credentials | None, ref: Reference, manifest_digest: str) -> None:
+        if creds is None:
+            return
+        with self._lock:
+            self._authorized[(creds.fingerprint, ref.name, manifest_digest)] = (
+                self._clock() + self._auth_cache_seconds
+            )
+
+    # -- pulling ---------------------------------------------------------
+
+    def _pull(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule:
+        ref, creds = request.ref, request.credentials
+        manifest = self._client.fetch_manifest(ref, creds)
+        if is_index(manifest.media_type, manifest.body):
+            child = select_from_index(str(ref), manifest.body)
+            manifest = _merge_auth(self._client.fetch_manifest(ref, creds, key=child), manifest)
+        if ref.digest is None:
+            with self._lock:
+                self._tags[str(ref)] = _TagEntry(manifest.digest, self._clock())
+        if manifest.used_credentials:
+            self._remember_authorized(creds, ref, manifest.digest)
+        known = self._store.manifest(manifest.digest)
+        if known is not None and self._store.has(known.module_digest):
+            return ResolvedModule(known.module_digest, known.size, known.manifest_digest, known.layout, True)
+        layer = select_module_layer(str(ref), manifest.media_type, manifest.body)
+        stored = self._download(ref, layer, creds, deadline)
+        self._store.remember_manifest(
+            ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
+        )
+        return ResolvedModule(stored.digest, stored.size, manifest.digest, layer.layout, False)
+
+    def _download(
+        self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None
+    ) -> StoredModule:
+        if layer.packaging == "raw":
+            existing = self._store.stat(layer.digest)
+            if existing is not None:
+                return existing
+        if layer.size > self._layer_cap(layer):
+            raise TooLarge(
+                f"image {ref}: module layer is {layer.size} bytes, over the node's limit of "
+                f"{self._config.max_module_bytes}"
+            )
+        with self._lock:
+            flight = self._flights.get(layer.digest)
+            if flight is None:
+                flight = self._pool.submit(self._run_download, ref, layer, creds)
+                self._flights[layer.digest] = flight
+                flight.add_done_callback(lambda _f, key=layer.digest: self._land(key))
+            else:
+                self._metrics.pull_joins.inc()
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        try:
+            return flight.result(timeout=timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise RegistryTimeout(
+                f"image {ref}: download still running when this call's deadline ended; "
+                "it continues and kubelet's retry will use it"
+            ) from exc
+
+    def _land(self, key: str) -> None:
+        with self._lock:
+            self._flights.pop(key, None)
+
+    def _layer_cap(self, layer: ModuleLayer) -> int:
+        return self._config.max_module_bytes * (INFLATE_FACTOR if layer.packaging == "tar+gzip" else 1)
+
+    def _run_download(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
+        started = time.monotonic()
+        self._metrics.pulls_in_flight.inc()
+        event(log, "pull.start", image=str(ref), layer=layer.digest, layout=layer.layout, bytes=layer.size)
+        try:
+            with self._client.open_blob(ref, layer.digest, creds) as blob:
+                counted = _counting(iter(blob), self._metrics)
+                if layer.packaging == "raw":
+                    stored = self._store_raw(ref, layer, counted)
+                else:
+                    stored = self._store_from_tar(ref, layer, counted)
+        except DriverError as exc:
+            self._metrics.pull_total.labels(exc.reason).inc()
+            event(log, "pull.failed", logging.WARNING, image=str(ref), layer=layer.digest, reason=exc.reason,
+                  error=str(exc), seconds=round(time.monotonic() - started, 3))  # fmt: skip
+            raise
+        finally:
+            self._metrics.pulls_in_flight.dec()
+        seconds = time.monotonic() - started
+        self._metrics.pull_total.labels("success").inc()
+        self._metrics.pull_seconds.observe(seconds)
+        event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3))
+        return stored
+
+    def _store_raw(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes]) -> StoredModule:
+        with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
+            for chunk in chunks:
+                ingest.write(chunk)
+            return ingest.commit(expected_digest=layer.digest)
+
+    def _store_from_tar(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes]) -> StoredModule:
+        reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
+        with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
+                    self._extract_module(ref, archive, ingest.write)
+            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                raise UnsupportedLayout(f"image {ref}: the compat layer is not a valid tar+gzip: {exc}") from exc
+            reader.drain()
+            if reader.digest != layer.digest:
+                raise DigestMismatch(
+                    f"image {ref}: layer content digest {reader.digest} does not match the manifest's {layer.digest}"
+                )
+            return ingest.commit(expected_digest=None)
+
+    def _extract_module(self, ref: Reference, archive: tarfile.TarFile, write: Callable[[bytes], None]) -> None:
+        for member in archive:
+            if posixpath.basename(member.name.rstrip("/")) != MODULE_IN_TAR:
+                continue
+            if not member.isreg():
+                raise UnsupportedLayout(f"image {ref}: {member.name} in the compat layer is not a regular file")
+            if member.size > self._config.max_module_bytes:
+                raise TooLarge(
+                    f"image {ref}: {member.name} is {member.size} bytes, over the node's limit of "
+                    f"{self._config.max_module_bytes}"
+                )
+            source = archive.extractfile(member)
+            assert source is not None  # a regular member always has data
+            while chunk := source.read(256 * 1024):
+                write(chunk)
+            return
+        raise UnsupportedLayout(f"image {ref}: the compat layer holds no {MODULE_IN_TAR}")
+
+
+def _merge_auth(child: FetchedManifest, parent: FetchedManifest) -> FetchedManifest:
+    if parent.used_credentials and not child.used_credentials:
+        return FetchedManifest(child.digest, child.media_type, child.body, True)
+    return child
+
+
+def _counting(chunks: Iterator[bytes], metrics: Metrics) -> Iterator[bytes]:
+    for chunk in chunks:
+        metrics.pull_bytes.inc(len(chunk))
+        yield chunk
+
+
+class _GunzipReader(io.RawIOBase):
+    """A file-like view of a gzip stream: hashes the compressed bytes, caps the inflated ones."""
+
+    def __init__(self, chunks: Iterator[bytes], max_inflated: int, image: str) -> None:
+        self._chunks = chunks
+        self._hash = hashlib.sha256()
+        self._inflate = zlib.decompressobj(wbits=31)
+        self._buffer = bytearray()  # del from the front is amortised O(1) for bytearray
+        self._inflated = 0
+        self._max_inflated = max_inflated
+        self._image = image
+        self._eof = False
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self._hash.hexdigest()}"
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buffer and not self._eof:
+            self._fill()
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        del self._buffer[:size]
+        return size
+
+    def drain(self) -> None:
+        """Hash the rest of the layer (without inflating it) so the digest covers every byte."""
+        for compressed in self._chunks:
+            self._hash.update(compressed)
+        self._eof = True
+
+    def _fill(self) -> None:
+        # at most 1 MiB inflated per call, so a bomb never sits in memory
+        if self._inflate.unconsumed_tail:
+            data = self._inflate.decompress(self._inflate.unconsumed_tail, 1024 * 1024)
+        else:
+            compressed = next(self._chunks, None)
+            if compressed is None:
+                self._eof = True
+                data = self._inflate.flush()
+            else:
+                self._hash.update(compressed)
+                data = self._inflate.decompress(compressed, 1024 * 1024)
+        self._inflated += len(data)
+        if self._inflated > self._max_inflated:
+            raise TooLarge(f"image {self._image}: the compat layer inflates past {self._max_inflated} bytes")
+        self._buffer += data

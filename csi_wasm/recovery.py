@@ -1,0 +1,73 @@
+"""Start-up reconciliation: make records, mounts and the store agree before serving.
+
+A crash can stop the driver between any two steps of a publish. Each step is
+atomic on its own, so the only inconsistencies possible are the ones repaired
+here: temp files of interrupted downloads, unreadable records, records whose
+mount is gone, and our mounts that have no record. Each repair is logged and
+counted; none stops the driver from starting.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from dataclasses import dataclass
+
+from csi_wasm.logs import event
+from csi_wasm.metrics import Metrics
+from csi_wasm.mounts import Mounter
+from csi_wasm.records import RecordStore, VolumeRecord
+from csi_wasm.store import ModuleStore
+
+log = logging.getLogger("csi_wasm.recovery")
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    temp_files: int = 0
+    unreadable_records: int = 0
+    records_without_mount: int = 0
+    adopted_mounts: int = 0
+    volumes: int = 0
+    seconds: float = 0.0
+
+
+def recover(
+    store: ModuleStore, records: RecordStore, mounter: Mounter, pods_dir: pathlib.Path, metrics: Metrics
+) -> RecoveryReport:
+    started = time.monotonic()
+    temp_files = store.sweep_temp_files()
+    unreadable = records.load()
+    for path in unreadable:
+        event(log, "repair.unreadable_record", logging.WARNING, file=str(path))
+        path.unlink(missing_ok=True)
+    mounted = {entry.mount_point: entry for entry in mounter.mounts()}
+    dropped = 0
+    for record in records.all():
+        if record.target_path not in mounted:
+            event(log, "repair.record_without_mount", logging.WARNING, volume_id=record.volume_id,
+                  target=record.target_path, image=record.image, digest=record.module_digest)  # fmt: skip
+            records.delete(record.target_path)
+            dropped += 1
+    adopted = 0
+    prefix = f"{pods_dir}/"
+    for mount_point, entry in mounted.items():
+        if not mount_point.startswith(prefix) or records.get(mount_point) is not None:
+            continue
+        view = store.view_of(entry.root, pathlib.Path(mount_point))
+        if view is None:
+            continue
+        digest, file_name = view
+        records.put(VolumeRecord("", mount_point, "", digest, file_name, time.time()))
+        event(log, "repair.adopted_mount", logging.WARNING, target=mount_point, digest=digest)
+        adopted += 1
+    for kind, count in (("temp_file", temp_files), ("unreadable_record", len(unreadable)),
+                        ("record_without_mount", dropped), ("adopted_mount", adopted)):  # fmt: skip
+        if count:
+            metrics.repairs.labels(kind).inc(count)
+    volumes = len(records.all())
+    metrics.mounted_volumes.set(volumes)
+    report = RecoveryReport(temp_files, len(unreadable), dropped, adopted, volumes, time.monotonic() - started)
+    event(log, "recovered", **vars(report))
+    return report

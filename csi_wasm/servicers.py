@@ -1,0 +1,195 @@
+"""The CSI Identity and Node gRPC services: validate the request, delegate, map errors.
+
+Servicers are thin. The CSI-required fields are checked here, in the order the
+CSI sanity suite expects (volume_id, target_path, volume_capability, access
+type); the rest is the publisher's. ``grpc_errors`` is the one place that turns
+our exceptions into gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable, TypeVar
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from csi_wasm import __version__
+from csi_wasm._gen import csi_pb2, csi_pb2_grpc
+from csi_wasm.errors import (
+    AccessDenied,
+    ContentError,
+    DriverError,
+    InvalidRequest,
+    ModuleNotFound,
+    MountError,
+    NotReady,
+    OperationPending,
+    RegistryError,
+    StorageFull,
+    TargetConflict,
+)
+from csi_wasm.metrics import Metrics
+from csi_wasm.publish import PublishRequest, Publisher
+
+log = logging.getLogger("csi_wasm.servicers")
+
+STATUS_BY_ERROR: tuple[tuple[type[DriverError], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (TargetConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (OperationPending, grpc.StatusCode.ABORTED),
+    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ModuleNotFound, grpc.StatusCode.NOT_FOUND),
+    (RegistryError, grpc.StatusCode.UNAVAILABLE),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (ContentError, grpc.StatusCode.FAILED_PRECONDITION),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (MountError, grpc.StatusCode.INTERNAL),
+)
+# Leave this much of kubelet's deadline for undoing work and answering.
+DEADLINE_MARGIN_SECONDS = 1.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(error: DriverError) -> grpc.StatusCode:
+    for cls, code in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def grpc_errors(method: F) -> F:
+    """Turn a DriverError into its status; anything unforeseen into INTERNAL, logged with its trace."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except DriverError as exc:
+            context.abort(status_for(exc), str(exc))
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error, see the driver's log")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _require(value: str, name: str) -> None:
+    if not value:
+        raise InvalidRequest(f"{name} is required")
+
+
+class IdentityServicer(csi_pb2_grpc.IdentityServicer):
+    def __init__(self, driver_name: str, is_ready: Callable[[], bool]) -> None:
+        self._driver_name = driver_name
+        self._is_ready = is_ready
+
+    @grpc_errors
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
+        return csi_pb2.GetPluginInfoResponse(name=self._driver_name, vendor_version=__version__)
+
+    @grpc_errors
+    def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
+        # Node-only plugin: no CONTROLLER_SERVICE, no topology constraints.
+        return csi_pb2.GetPluginCapabilitiesResponse()
+
+    @grpc_errors
+    def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=self._is_ready()))
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    """NodePublishVolume/NodeUnpublishVolume for ephemeral inline volumes; the rest stays UNIMPLEMENTED."""
+
+    def __init__(
+        self,
+        node_id: str,
+        publisher: Publisher,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._node_id = node_id
+        self._publisher = publisher
+        self._metrics = metrics
+        self._is_ready = is_ready
+        self._clock = clock
+
+    @grpc_errors
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        # Nothing beyond publish/unpublish: each extra capability makes the CO call RPCs we do not serve.
+        return csi_pb2.NodeGetCapabilitiesResponse()
+
+    @grpc_errors
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(node_id=self._node_id, max_volumes_per_node=0)
+
+    @grpc_errors
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        started = self._clock()
+        try:
+            _require(request.volume_id, "volume_id")
+            _require(request.target_path, "target_path")
+            if not request.HasField("volume_capability"):
+                raise InvalidRequest("volume_capability is required")
+            if request.volume_capability.HasField("block"):
+                raise InvalidRequest("block access is not supported: Wasm volumes are filesystem (mount) volumes")
+            self._check_ready()
+            self._publisher.publish(
+                PublishRequest(
+                    volume_id=request.volume_id,
+                    target_path=request.target_path,
+                    volume_context=dict(request.volume_context),
+                    secrets=dict(request.secrets),
+                ),
+                deadline=self._deadline(context),
+            )
+        except DriverError as exc:
+            self._count(self._metrics.publish_total, exc.reason, started, self._metrics.publish_seconds)
+            raise
+        self._count(self._metrics.publish_total, "success", started, self._metrics.publish_seconds)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @grpc_errors
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        started = self._clock()
+        try:
+            _require(request.volume_id, "volume_id")
+            _require(request.target_path, "target_path")
+            self._check_ready()
+            self._publisher.unpublish(request.volume_id, request.target_path)
+        except DriverError as exc:
+            self._count(self._metrics.unpublish_total, exc.reason, started, self._metrics.unpublish_seconds)
+            raise
+        self._count(self._metrics.unpublish_total, "success", started, self._metrics.unpublish_seconds)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _check_ready(self) -> None:
+        if not self._is_ready():
+            raise NotReady("the driver is still recovering its state after a restart; retry shortly")
+
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return None
+        return self._clock() + max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
+
+    def _count(self, counter: Any, result: str, started: float, histogram: Any) -> None:
+        counter.labels(result).inc()
+        histogram.observe(self._clock() - started)
+

@@ -1,0 +1,273 @@
+"""The node's content-addressed module store.
+
+Layout under ``<state-dir>/store``::
+
+    modules/sha256/<hex>              one file per module, named by the sha256 of its bytes (0444)
+    views/<hex>/<fileName>/<fileName> hard link to the module: the directory a pod's target binds
+    manifests/<hex>.json              manifest digest -> module digest, so a pinned reference
+                                      is served from the store without the network
+    tmp/                              downloads in progress; swept at start
+
+Every change is write-temp, fsync, rename, fsync-directory: a crash leaves either
+the old state or the new one, never a partial module under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from csi_wasm import wasm
+from csi_wasm.errors import DigestMismatch, InvalidRequest, NotWasm, StorageFull, TooLarge
+
+FILE_NAME_MAX = 255
+_VIEW_ROOT = re.compile(r"/views/([0-9a-f]{64})/([^/]+)$")
+
+
+@dataclass(frozen=True)
+class StoredModule:
+    digest: str
+    size: int
+    path: pathlib.Path
+    last_used: float
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """What a manifest digest resolved to, remembered so pinned references skip the network."""
+
+    manifest_digest: str
+    module_digest: str
+    size: int
+    layout: str
+    needs_auth: bool
+
+
+def validate_file_name(name: str) -> str:
+    if (
+        not name
+        or len(name.encode()) > FILE_NAME_MAX
+        or name in (".", "..")
+        or "/" in name
+        or "\0" in name
+        or not name.isprintable()
+    ):
+        raise InvalidRequest(
+            f"fileName {name[:80]!r}: must be a plain file name (no '/', no NUL, not '.' or '..', "
+            f"at most {FILE_NAME_MAX} bytes)"
+        )
+    return name
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class Ingest:
+    """A module being written into the store: hashed, size-capped and header-checked as it streams."""
+
+    def __init__(self, store: ModuleStore, image: str, max_bytes: int) -> None:
+        self._store = store
+        self._image = image
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._header = b""
+        self.temp_path = store.tmp_dir / f"{secrets.token_hex(8)}.partial"
+        self._file = open(self.temp_path, "xb")
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            raise TooLarge(f"image {self._image}: module exceeds the node's limit of {self._max_bytes} bytes")
+        if len(self._header) < wasm.HEADER_LENGTH:
+            self._header += chunk[: wasm.HEADER_LENGTH - len(self._header)]
+            if len(self._header) == wasm.HEADER_LENGTH and wasm.header_kind(self._header) is None:
+                raise NotWasm(f"image {self._image}: the layer is not a WebAssembly module (bad magic/version)")
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def commit(self, expected_digest: str | None) -> StoredModule:
+        """Verify, fsync and move into place; the module's digest is the sha256 of its bytes."""
+        if wasm.header_kind(self._header) is None:
+            raise NotWasm(f"image {self._image}: the layer is not a WebAssembly module (too short)")
+        digest = f"sha256:{self._hash.hexdigest()}"
+        if expected_digest is not None and digest != expected_digest:
+            raise DigestMismatch(
+                f"image {self._image}: content digest {digest} does not match the expected {expected_digest}"
+            )
+        self._file.flush()
+        os.fchmod(self._file.fileno(), 0o444)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._store.adopt(self.temp_path, digest, self._size)
+
+    def __enter__(self) -> Ingest:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+class ModuleStore:
+    def __init__(self, root: pathlib.Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.modules_dir = root / "modules" / "sha256"
+        self.views_dir = root / "views"
+        self.manifests_dir = root / "manifests"
+        self.tmp_dir = root / "tmp"
+        self._min_free_bytes = min_free_bytes
+        self._lock = threading.Lock()
+        for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    # -- modules ---------------------------------------------------------
+
+    def module_path(self, digest: str) -> pathlib.Path:
+        return self.modules_dir / digest.removeprefix("sha256:")
+
+    def has(self, digest: str) -> bool:
+        return self.module_path(digest).is_file()
+
+    def ingest(self, image: str, max_bytes: int, expected_size: int | None = None) -> Ingest:
+        self.check_free_space(expected_size or 0)
+        return Ingest(self, image, max_bytes)
+
+    def check_free_space(self, incoming_bytes: int) -> None:
+        if self._min_free_bytes <= 0:
+            return
+        stats = os.statvfs(self.root)
+        free = stats.f_bavail * stats.f_frsize
+        if free - incoming_bytes < self._min_free_bytes:
+            raise StorageFull(
+                f"the module store at {self.root} has {free} bytes free; writing {incoming_bytes} more "
+                f"would cross the node's floor of {self._min_free_bytes} bytes (free disk or raise the cap)"
+            )
+
+    def adopt(self, temp_path: pathlib.Path, digest: str, size: int) -> StoredModule:
+        final = self.module_path(digest)
+        # rename is atomic; if another download of the same content won, keep the winner's inode
+        # so pods already mounted and new ones share one file.
+        if final.exists():
+            temp_path.unlink(missing_ok=True)
+        else:
+            os.replace(temp_path, final)
+            fsync_dir(self.modules_dir)
+        return StoredModule(digest=digest, size=size, path=final, last_used=time.time())
+
+    def stat(self, digest: str) -> StoredModule | None:
+        path = self.module_path(digest)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        return StoredModule(digest=digest, size=info.st_size, path=path, last_used=info.st_atime)
+
+    def modules(self) -> list[StoredModule]:
+        found = []
+        for path in sorted(self.modules_dir.iterdir()):
+            module = self.stat(f"sha256:{path.name}")
+            if module is not None:
+                found.append(module)
+        return found
+
+    def remove(self, digest: str) -> None:
+        hexdigest = digest.removeprefix("sha256:")
+        view_root = self.views_dir / hexdigest
+        if view_root.exists():
+            for view in view_root.iterdir():
+                for item in view.iterdir():
+                    item.unlink()
+                view.rmdir()
+            view_root.rmdir()
+        self.module_path(digest).unlink(missing_ok=True)
+        fsync_dir(self.modules_dir)
+
+    def sweep_temp_files(self) -> int:
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    # -- views -----------------------------------------------------------
+
+    def view(self, digest: str, file_name: str) -> pathlib.Path:
+        """The directory whose only entry is ``file_name``, a hard link to the module (same inode)."""
+        directory = self.views_dir / digest.removeprefix("sha256:") / file_name
+        link = directory / file_name
+        if link.exists():
+            return directory
+        with self._lock:
+            if not link.exists():
+                self._make_view(digest, directory, link)
+        return directory
+
+    def _make_view(self, digest: str, directory: pathlib.Path, link: pathlib.Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        temp = directory / f".{secrets.token_hex(4)}.link"
+        os.link(self.module_path(digest), temp)
+        os.replace(temp, link)
+        fsync_dir(directory)
+
+    def view_of(self, mount_root: str, mounted: pathlib.Path) -> tuple[str, str] | None:
+        """(digest, fileName) if ``mounted`` is a bind of one of our views (same device and inode)."""
+        match = _VIEW_ROOT.search(mount_root)
+        if match is None:
+            return None
+        view = self.views_dir / match.group(1) / match.group(2)
+        try:
+            ours, theirs = view.stat(), mounted.stat()
+        except OSError:
+            return None
+        if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return None
+        return f"sha256:{match.group(1)}", match.group(2)
+
+    # -- manifest index --------------------------------------------------
+
+    def remember_manifest(self, entry: ManifestEntry) -> None:
+        path = self.manifests_dir / f"{entry.manifest_digest.removeprefix('sha256:')}.json"
+        write_atomic(path, json.dumps(vars(entry), sort_keys=True).encode())
+
+    def manifest(self, manifest_digest: str) -> ManifestEntry | None:
+        path = self.manifests_dir / f"{manifest_digest.removeprefix('sha256:')}.json"
+        try:
+            return ManifestEntry(**json.loads(path.read_bytes()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
