@@ -50,6 +50,7 @@ STATUS_BY_ERROR: tuple[tuple[type[DriverError], grpc.StatusCode], ...] = (
 )
 # Leave this much of kubelet's deadline for undoing work and answering.
 DEADLINE_MARGIN_SECONDS = 1.0
+NO_DEADLINE_SECONDS = 24 * 3600.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,8 +186,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     def _deadline(self, context: grpc.ServicerContext) -> float | None:
         remaining = context.time_remaining()
-        if remaining is None:
-            return None
+        if remaining is None or remaining > NO_DEADLINE_SECONDS:
+            return None  # the caller set no deadline (gRPC reports a huge remaining time)
         return self._clock() + max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
 
     def _count(self, counter: Any, result: str, started: float, histogram: Any) -> None:

@@ -101,6 +101,12 @@ class LocalRegistry:
         with self._lock:
             return sum(1 for line in self.log_lines if regex.search(line))
 
+    def blob_gets(self, repository: str, digest: str) -> int:
+        """How many GETs of one blob the registry has completed (its access log, not our counters)."""
+        return self.requests_matching(
+            rf'msg="response completed".*http\.request\.method=GET .*http\.request\.uri="?/v2/{re.escape(repository)}/blobs/{re.escape(digest)}'
+        )
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.kill()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The driver's main job on this machine: a local registry, a demo module, the driver, three pods.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/csi-wasm demo "$@"

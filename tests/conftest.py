@@ -1,0 +1,150 @@
+"""Shared fixtures: a real registry, a real driver on a real unix socket, real mounts.
+
+The whole test session runs in a private mount namespace (entered before any
+thread starts), so no bind mount made by a test can reach the host.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+import pytest
+
+from csi_wasm.config import DriverConfig, NodeConfig, PullConfig
+from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
+from csi_wasm.demo.push import Pusher
+from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
+from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
+from csi_wasm.server import Driver, serve
+
+DRIVER_NAME = "csi-wasm.dev"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    enter_private_mount_namespace()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    with LocalRegistry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def pusher(registry: LocalRegistry) -> Pusher:
+    return Pusher(registry.host)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+PRIVATE_AUTH = RegistryAuth("wasm-reader", "s3cret-Pa55word")
+
+
+@pytest.fixture(scope="session")
+def private_registry(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[pathlib.Path, pathlib.Path]
+) -> Iterator[LocalRegistry]:
+    """A registry with TLS (self-signed) and basic auth, like a private in-house registry."""
+    with LocalRegistry(tmp_path_factory.mktemp("private-registry"), auth=PRIVATE_AUTH, tls=tls_files) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def private_pusher(private_registry: LocalRegistry, tls_files: tuple[pathlib.Path, pathlib.Path]) -> Pusher:
+    return Pusher(
+        private_registry.host, "https", (PRIVATE_AUTH.username, PRIVATE_AUTH.password), verify=str(tls_files[0])
+    )
+
+
+@dataclass
+class RunningDriver:
+    driver: Driver
+    kubelet: Kubelet
+    config: DriverConfig
+    stop: threading.Event
+    thread: threading.Thread
+    volumes: list[InlineVolume] = field(default_factory=list)
+
+    def volume(self, image: str, **attributes: str) -> InlineVolume:
+        return self.inline(attributes | {"image": image})
+
+    def inline(self, attributes: dict[str, str], secrets: dict[str, str] | None = None) -> InlineVolume:
+        volume = InlineVolume(new_pod_uid(), "app", "default", "wasm", attributes, secrets or {})
+        self.volumes.append(volume)
+        return volume
+
+    def mounts_under_kubelet(self) -> list[str]:
+        prefix = f"{self.config.kubelet_dir}/"
+        return [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(prefix)]
+
+
+def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
+    config = DriverConfig(
+        driver_name=DRIVER_NAME,
+        node_id="test-node",
+        endpoint=f"unix://{tmp_path}/csi/csi.sock",
+        state_dir=tmp_path / "state",
+        kubelet_dir=tmp_path / "kubelet",
+        node=node,
+    )
+    (config.kubelet_dir / "pods").mkdir(parents=True)
+    driver = Driver(config)
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=serve, args=(driver, stop, ready.set), daemon=True)
+    thread.start()
+    assert ready.wait(30), "driver did not become ready"
+    return RunningDriver(driver, Kubelet(config.socket_path, config.kubelet_dir), config, stop, thread)
+
+
+def stop_driver(running: RunningDriver) -> None:
+    running.kubelet.close()
+    running.stop.set()
+    running.thread.join(60)
+    for mount_point in sorted(running.mounts_under_kubelet(), reverse=True):
+        LinuxMounter().unmount(pathlib.Path(mount_point))
+
+
+def fast_pull_config() -> PullConfig:
+    return PullConfig(connect_timeout_seconds=2.0, read_timeout_seconds=5.0, attempts=2)
+
+
+@pytest.fixture
+def node_config(registry: LocalRegistry) -> NodeConfig:
+    return NodeConfig(pull=fast_pull_config()).with_insecure([registry.host])
+
+
+@pytest.fixture
+def csi(tmp_path: pathlib.Path, node_config: NodeConfig) -> Iterator[RunningDriver]:
+    running = start_driver(tmp_path, node_config)
+    yield running
+    stop_driver(running)
+    assert not any(running.driver.store.tmp_dir.iterdir()), "partial download left in the store"
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    """Run a zero-argument callable expected to fail with an RpcError; return its status code."""
+    with pytest.raises(grpc.RpcError) as failure:
+        call()  # type: ignore[operator]
+    return failure.value.code()  # type: ignore[no-any-return]
+
+
+def which_or_fail(binary: str) -> str:
+    path = shutil.which(binary)
+    assert path, f"{binary} must be installed (see .ci/run)"
+    return path
