@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", default=os.environ.get("NODE_ID", ""), help="this node's name (env NODE_ID)")
     serve.add_argument("--driver-name", default=os.environ.get("DRIVER_NAME", DEFAULT_DRIVER_NAME))
     serve.add_argument("--kubelet-dir", type=pathlib.Path, default=pathlib.Path(DEFAULT_KUBELET_DIR))
+    serve.add_argument("--metrics-address", default=os.environ.get("METRICS_ADDRESS", ""), metavar="HOST:PORT",
+                       help="serve /metrics and /healthz here (off when empty)")  # fmt: skip
 
     pull = commands.add_parser("pull", help="warm the node's store with modules ahead of pods")
     _node_options(pull)
@@ -94,7 +96,19 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    serve(Driver(config), stop)
+    driver = Driver(config)
+    metrics_server = None
+    if args.metrics_address:
+        from csi_wasm.http import MetricsServer, parse_address
+
+        host, port = parse_address(args.metrics_address)
+        metrics_server = MetricsServer(host, port, driver.metrics.registry, driver.is_ready).start()
+        event(log, "metrics", address=f"{host}:{metrics_server.port}")
+    try:
+        serve(driver, stop)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
     return 0
 
 
