@@ -91,7 +91,7 @@ class Puller:
         config: PullConfig,
         metrics: Metrics,
         auth_cache_seconds: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._client = client
@@ -157,7 +157,12 @@ class Puller:
         with self._lock:
             entry = self._tags.get(key)
         if entry is None:
-            return None
+            remembered = self._store.tag(key)  # resolved by an earlier run or by `csi-wasm pull`
+            if remembered is None:
+                return None
+            entry = _TagEntry(*remembered)
+            with self._lock:
+                self._tags[key] = entry
         if fresh_only and self._clock() - entry.resolved_at > self._config.tag_cache_seconds:
             return None
         return entry.manifest_digest
@@ -179,6 +184,14 @@ class Puller:
         self._client.fetch_manifest(ref, creds, key=entry.manifest_digest)
         self._remember_authorized(creds, ref, entry.manifest_digest)
 
+    def _remember_tag(self, ref: Reference, manifest_digest: str) -> None:
+        now = self._clock()
+        with self._lock:
+            previous = self._tags.get(str(ref))
+            self._tags[str(ref)] = _TagEntry(manifest_digest, now)
+        if previous is None or previous.manifest_digest != manifest_digest:
+            self._store.remember_tag(str(ref), manifest_digest, now)
+
     def _remember_authorized(self, creds: Credentials | None, ref: Reference, manifest_digest: str) -> None:
         if creds is None:
             return
@@ -196,8 +209,7 @@ class Puller:
             child = select_from_index(str(ref), manifest.body)
             manifest = _merge_auth(self._client.fetch_manifest(ref, creds, key=child), manifest)
         if ref.digest is None:
-            with self._lock:
-                self._tags[str(ref)] = _TagEntry(manifest.digest, self._clock())
+            self._remember_tag(ref, manifest.digest)
         if manifest.used_credentials:
             self._remember_authorized(creds, ref, manifest.digest)
         known = self._store.manifest(manifest.digest)
@@ -230,7 +242,7 @@ class Puller:
                 flight.add_done_callback(lambda _f, key=layer.digest: self._land(key))
             else:
                 self._metrics.pull_joins.inc()
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return flight.result(timeout=timeout)
         except concurrent.futures.TimeoutError as exc:

@@ -6,6 +6,8 @@ Layout under ``<state-dir>/store``::
     views/<hex>/<fileName>/<fileName> hard link to the module: the directory a pod's target binds
     manifests/<hex>.json              manifest digest -> module digest, so a pinned reference
                                       is served from the store without the network
+    tags/<sha256 of reference>.json   last manifest digest a tag resolved to (for pullPolicy Never
+                                      after a restart or a `csi-wasm pull`)
     tmp/                              downloads in progress; swept at start
 
 Every change is write-temp, fsync, rename, fsync-directory: a crash leaves either
@@ -150,9 +152,10 @@ class ModuleStore:
         self.views_dir = root / "views"
         self.manifests_dir = root / "manifests"
         self.tmp_dir = root / "tmp"
+        self.tags_dir = root / "tags"
         self._min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
-        for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir):
+        for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir, self.tags_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)
 
     # -- modules ---------------------------------------------------------
@@ -271,3 +274,17 @@ class ModuleStore:
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
+
+    def remember_tag(self, reference: str, manifest_digest: str, resolved_at: float) -> None:
+        record = {"reference": reference, "manifest_digest": manifest_digest, "resolved_at": resolved_at}
+        write_atomic(self._tag_path(reference), json.dumps(record, sort_keys=True).encode())
+
+    def tag(self, reference: str) -> tuple[str, float] | None:
+        try:
+            record = json.loads(self._tag_path(reference).read_bytes())
+            return str(record["manifest_digest"]), float(record["resolved_at"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def _tag_path(self, reference: str) -> pathlib.Path:
+        return self.tags_dir / f"{hashlib.sha256(reference.encode()).hexdigest()}.json"

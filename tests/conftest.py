@@ -10,8 +10,9 @@ import pathlib
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import pytest
@@ -142,6 +143,16 @@ def code_of(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as failure:
         call()  # type: ignore[operator]
     return failure.value.code()  # type: ignore[no-any-return]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll until ``condition`` holds (for logs written after the response); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
 
 
 def which_or_fail(binary: str) -> str:

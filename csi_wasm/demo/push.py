@@ -36,6 +36,7 @@ class Pusher:
         self.base = f"{scheme}://{host}/v2"
         self.session = requests.Session()
         self.session.verify = verify
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override ``verify``
         if auth:
             self.session.auth = auth
 
