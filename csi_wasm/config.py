@@ -47,6 +47,7 @@ class PullConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     gc_grace_seconds: float = 24 * 3600.0
+    gc_interval_seconds: float = 600.0
     max_store_bytes: int = 0  # 0: no cap
     min_free_bytes: int = 512 * MiB
     auth_cache_seconds: float = 300.0
