@@ -1,0 +1,333 @@
+"""The measurements. Each scenario returns plain data (seconds, bytes, KiB) for the report and the JSON.
+
+Every scenario runs against the real driver subprocess over its unix socket and a
+real ``docker-registry`` on 127.0.0.1, in the same run, so each ratio compares
+figures taken minutes apart on the same machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from csi_wasm import mounts
+from csi_wasm.demo.kubelet import InlineVolume
+from csi_wasm.demo.push import Pushed, Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module
+
+from bench.driver import CALL_TIMEOUT, Client, DriverProcess
+from bench.plan import MiB, Plan
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    workdir: pathlib.Path
+    registry: LocalRegistry
+    pusher: Pusher
+    run_id: str = uuid.uuid4().hex[:8]
+
+    def push(self, repo: str, tag: str, size: int) -> Pushed:
+        """A fresh module (content unique to this run, repo and tag) as a CNCF Wasm artifact."""
+        module = make_module(size, seed=f"{self.run_id}/{repo}:{tag}")
+        return self.pusher.wasm_artifact(repo, tag, module)
+
+    def blob_url(self, repo: str, digest: str) -> str:
+        return f"http://{self.registry.host}/v2/{repo}/blobs/{digest}"
+
+    def wait_for_blob_gets(self, repo: str, digest: str, at_least: int, timeout: float = 5.0) -> int:
+        """Blob GETs of ``digest`` the registry logged (its log is read by a thread: give it a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.registry.blob_gets(repo, digest)
+            if count >= at_least or time.monotonic() > deadline:
+                time.sleep(0.2)  # and let any late extra GET show up too
+                return self.registry.blob_gets(repo, digest)
+            time.sleep(0.02)
+
+
+def repo_of(pushed: Pushed) -> str:
+    return pushed.reference.split("/", 1)[1].rsplit(":", 1)[0]
+
+
+# -- floors -----------------------------------------------------------------
+
+
+class MountFloor:
+    """Bind + ro remount + unmount, in this process: bare syscalls, and the driver's own LinuxMounter."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.source = workdir / "floor" / "source"
+        self.target = workdir / "floor" / "target"
+        self.source.mkdir(parents=True, exist_ok=True)
+        self.target.mkdir(parents=True, exist_ok=True)
+        (self.source / "plugin.wasm").write_bytes(make_module(1024))
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+        self._libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        self._mounter = mounts.LinuxMounter()
+
+    def bare(self) -> float:
+        source, target = bytes(self.source), bytes(self.target)
+        started = time.perf_counter()
+        ok = self._libc.mount(source, target, None, mounts.MS_BIND, None) == 0
+        ok = ok and self._libc.mount(None, target, None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.READ_ONLY_FLAGS, None) == 0
+        ok = ok and self._libc.umount2(target, mounts.UMOUNT_NOFOLLOW) == 0
+        elapsed = time.perf_counter() - started
+        if not ok:
+            raise OSError(ctypes.get_errno(), f"mount floor: {os.strerror(ctypes.get_errno())}")
+        return elapsed
+
+    def mounter(self) -> float:
+        started = time.perf_counter()
+        self._mounter.bind_read_only(self.source, self.target)
+        self._mounter.unmount(self.target)
+        return time.perf_counter() - started
+
+
+# -- warm publish -------------------------------------------------------------
+
+
+def warm(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
+    """Floors and warm publish/unpublish, interleaved round by round so all see the same machine."""
+    plan = bench.plan
+    pushed = bench.push("bench/warm", "v1", 1 * MiB)
+    floor = MountFloor(bench.workdir)
+    first = client.volume(pushed.reference)
+    cold_first = client.publish(first)  # puts the module in the store; not a warm sample
+    client.unpublish(first)
+    for _ in range(plan.warm_batch):  # warm-up: connections, code paths, page cache
+        client.probe()
+        floor.bare()
+        volume = client.volume(pushed.reference)
+        client.publish(volume)
+        client.unpublish(volume)
+    samples: dict[str, list[float]] = {"probe": [], "mount_bare": [], "mount_mounter": [], "publish": [], "unpublish": []}
+    for _ in range(plan.warm_rounds):
+        samples["probe"] += [client.probe() for _ in range(plan.warm_batch)]
+        samples["mount_bare"] += [floor.bare() for _ in range(plan.warm_batch)]
+        samples["mount_mounter"] += [floor.mounter() for _ in range(plan.warm_batch)]
+        volumes = [client.volume(pushed.reference) for _ in range(plan.warm_batch)]
+        samples["publish"] += [client.publish(volume) for volume in volumes]
+        samples["unpublish"] += [client.unpublish(volume) for volume in volumes]
+    return {"image": pushed.reference, "module_bytes": 1 * MiB, "first_publish_s": cold_first, "samples": samples}
+
+
+# -- cold publish ---------------------------------------------------------------
+
+
+class OrasPull:
+    """The oras library's own pull (manifest, then the layer to a file), one Registry object reused."""
+
+    def __init__(self, host: str, outdir: pathlib.Path) -> None:
+        import oras.provider
+
+        logging.getLogger("oras").setLevel(logging.WARNING)
+        self.registry = oras.provider.Registry(hostname=host, insecure=True)
+        self.outdir = outdir
+
+    def __call__(self, pushed: Pushed, size: int) -> float:
+        started = time.perf_counter()
+        files = self.registry.pull(target=pushed.reference, outdir=str(self.outdir))
+        elapsed = time.perf_counter() - started
+        got = sum(os.path.getsize(f) for f in files)
+        shutil.rmtree(self.outdir, ignore_errors=True)
+        if got != size:
+            raise AssertionError(f"oras pulled {got} bytes, expected {size}")
+        return elapsed
+
+
+def curl(url: str, out: pathlib.Path, size: int) -> tuple[float, float]:
+    """(wall seconds around the curl process, curl's own time_total)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        ["curl", "-sS", "--fail", "-o", str(out), "-w", "%{time_total}", url], capture_output=True, text=True, check=True
+    )
+    elapsed = time.perf_counter() - started
+    got = out.stat().st_size
+    out.unlink()
+    if got != size:
+        raise AssertionError(f"curl downloaded {got} bytes, expected {size}")
+    return elapsed, float(done.stdout.strip())
+
+
+def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
+    """Per size: curl, oras and the driver each fetch the same fresh blob; order rotates per repetition."""
+    oras_pull = OrasPull(bench.registry.host, bench.workdir / "oras-out")
+    results: dict[str, Any] = {}
+    for mib, reps in bench.plan.cold_reps.items():
+        size = mib * MiB
+        series: dict[str, list[float]] = {"driver": [], "curl": [], "curl_time_total": [], "oras": [], "rss_growth_kib": []}
+        driver_gets: list[int] = []
+        volumes: list[InlineVolume] = []
+        for rep in range(reps):
+            pushed = bench.push(f"bench/cold-{mib}m", f"r{rep}", size)
+            repo = repo_of(pushed)
+            volume = client.volume(pushed.reference)
+            volumes.append(volume)
+
+            def run_curl() -> None:
+                wall, own = curl(bench.blob_url(repo, pushed.layer_digest), bench.workdir / "curl.out", size)
+                series["curl"].append(wall)
+                series["curl_time_total"].append(own)
+
+            def run_oras() -> None:
+                series["oras"].append(oras_pull(pushed, size))
+
+            def run_driver() -> None:
+                before = driver.reset_peak()
+                series["driver"].append(client.publish(volume))
+                series["rss_growth_kib"].append(driver.status_kib("VmHWM") - before)
+
+            runners: list[Callable[[], None]] = [run_curl, run_oras, run_driver]
+            for runner in runners[rep % 3 :] + runners[: rep % 3]:
+                runner()
+            # curl, oras and the driver each GET the blob once: the driver's share is the rest
+            driver_gets.append(bench.wait_for_blob_gets(repo, pushed.layer_digest, 3) - 2)
+        for volume in volumes:
+            client.unpublish(volume)
+        results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets}
+    return results
+
+
+# -- burst ------------------------------------------------------------------------
+
+
+def burst(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
+    """``burst_calls`` concurrent publishes (distinct pods) of one module not yet on the node."""
+    plan = bench.plan
+    size = plan.burst_mib * MiB
+    pushed = bench.push("bench/burst", "v1", size)
+    repo = repo_of(pushed)
+    volumes = [client.volume(pushed.reference) for _ in range(plan.burst_calls)]
+    requests = [client.publish_request(volume) for volume in volumes]
+    rss_before = driver.reset_peak()
+    finished: list[float] = [0.0] * len(requests)
+    started = time.perf_counter()
+    calls = [client.kubelet.node.NodePublishVolume.future(request, timeout=CALL_TIMEOUT) for request in requests]
+    for index, call in enumerate(calls):
+        call.add_done_callback(lambda _call, i=index: finished.__setitem__(i, time.perf_counter()))
+    failures = [str(call.exception()) for call in calls if call.exception() is not None]  # waits for each
+    while not all(finished):  # a done-callback may lag its future by a moment
+        time.sleep(0.001)
+    wall = max(finished) - started
+    rss_growth = driver.status_kib("VmHWM") - rss_before
+    gets = bench.wait_for_blob_gets(repo, pushed.layer_digest, 1)
+    manifest_gets = bench.registry.requests_matching(rf"method=GET .*uri=\"?/v2/{repo}/manifests/")
+    inodes = {os.stat(client.kubelet.target_path(v) / "plugin.wasm").st_ino for v in volumes} if not failures else set()
+    for volume in volumes:
+        client.unpublish(volume)
+    return {
+        "calls": plan.burst_calls,
+        "bytes": size,
+        "wall_s": wall,
+        "latencies_s": [t - started for t in finished],
+        "failures": failures,
+        "blob_gets": gets,
+        "manifest_gets": manifest_gets,
+        "distinct_inodes": len(inodes),
+        "rss_growth_kib": rss_growth,
+    }
+
+
+# -- scale ------------------------------------------------------------------------
+
+
+def disk_usage(root: pathlib.Path) -> dict[str, int]:
+    """Allocated bytes (st_blocks * 512) under ``root``, each inode counted once (hard links share one)."""
+    seen: set[tuple[int, int]] = set()
+    files = apparent = dirs = 0
+    for directory, subdirs, names in os.walk(root):
+        for name in [*subdirs, *names]:
+            info = os.lstat(os.path.join(directory, name))
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            if name in subdirs:
+                dirs += info.st_blocks * 512
+            else:
+                files += info.st_blocks * 512
+                apparent += info.st_size
+    return {"file_bytes": files, "file_apparent_bytes": apparent, "dir_bytes": dirs, "total_bytes": files + dirs}
+
+
+def scale(bench: Bench, driver: DriverProcess, client: Client) -> tuple[dict[str, Any], Client]:
+    """Many volumes over a few modules on one node: disk, latency at that count, memory, restart."""
+    plan = bench.plan
+    size = plan.scale_module_mib * MiB
+    modules = [bench.push(f"bench/scale-{k}", "v1", size) for k in range(plan.scale_modules)]
+    store = driver.state_dir / "store"
+    ramp: list[float] = []
+    disk: list[dict[str, Any]] = []
+    volumes: list[InlineVolume] = []
+    modules_in_use: set[str] = set()
+    for index in range(plan.scale_volumes):
+        module = modules[index % len(modules)]
+        volume = client.volume(module.reference, name=f"pod-{index}")
+        ramp.append(client.publish(volume))
+        volumes.append(volume)
+        modules_in_use.add(module.module_digest)
+        pods = index + 1
+        if pods in plan.scale_checkpoints or pods == plan.scale_volumes:
+            disk.append({
+                "pods": pods,
+                "module_bytes": len(modules_in_use) * size,  # the distinct modules those pods use
+                "per_pod_copy_bytes": pods * size,  # one copy per pod (bytes x pods)
+                "store_modules": disk_usage(store / "modules"),
+                "store": disk_usage(store),  # modules + hard-linked views + manifest/tag index
+                "state": disk_usage(driver.state_dir),  # + the volume records
+            })  # fmt: skip
+    rss_kib = driver.status_kib("VmRSS")
+    hwm_kib = driver.status_kib("VmHWM")
+    inodes = {os.stat(client.kubelet.target_path(v) / "plugin.wasm").st_ino for v in volumes}
+    at_count: dict[str, list[float]] = {"publish": [], "unpublish": []}
+    for cycle in range(plan.scale_cycles):
+        volume = client.volume(modules[cycle % len(modules)].reference, name="extra")
+        at_count["publish"].append(client.publish(volume))
+        at_count["unpublish"].append(client.unpublish(volume))
+    rss_after_cycles_kib = driver.status_kib("VmRSS")
+    mount_lines = len(pathlib.Path("/proc/self/mountinfo").read_text().splitlines())
+
+    # restart with every record and mount in place: time until Probe says ready
+    client.close()
+    driver.stop()
+    startup_s = driver.start()
+    rss_restarted_kib = driver.status_kib("VmRSS")
+    client = Client(driver)
+    # the first publish after a restart: tag cache and views as a restarted driver finds them
+    extra = client.volume(modules[0].reference, name="after-restart")
+    after_restart = client.publish(extra)
+    client.unpublish(extra)
+    unpublish_all = [client.unpublish(volume) for volume in volumes]
+    leftover = [m.mount_point for m in mounts.LinuxMounter().mounts() if m.mount_point.startswith(f"{driver.kubelet_dir}/")]
+    return {
+        "volumes": plan.scale_volumes,
+        "modules": plan.scale_modules,
+        "module_bytes_each": size,
+        "ramp_publish_s": ramp,
+        "disk": disk,
+        "distinct_inodes": len(inodes),
+        "mountinfo_lines": mount_lines,
+        "at_count": at_count,
+        "rss_kib": rss_kib,
+        "hwm_kib": hwm_kib,
+        "rss_after_cycles_kib": rss_after_cycles_kib,
+        "startup_s": startup_s,
+        "rss_restarted_kib": rss_restarted_kib,
+        "first_publish_after_restart_s": after_restart,
+        "unpublish_all_s": unpublish_all,
+        "leftover_mounts": len(leftover),
+    }, client
+
