@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(pull)
     pull.add_argument("images", nargs="+")
 
+    store = commands.add_parser("store", help="inspect and maintain the node's module store")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    for name, text in (("list", "modules with size, references and last use"),
+                       ("gc", "collect unreferenced modules now (asks the running driver if there is one)"),
+                       ("verify", "rehash every module; quarantine corrupt ones")):  # fmt: skip
+        sub = store_commands.add_parser(name, help=text)
+        _node_options(sub)
+
     demo = commands.add_parser("demo", help="run the driver end to end against a local registry (needs root)")
     demo.add_argument("--module-size", type=int, default=256 * 1024)
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
@@ -71,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "pull":
             return _pull(args)
+        if args.command == "store":
+            from csi_wasm import store_cli
+
+            return store_cli.run(args.store_command, args.state_dir, node_config(args))
         if args.command == "demo":
             from csi_wasm.demo.run import run_demo
 
@@ -97,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     driver = Driver(config)
+    signal.signal(signal.SIGUSR1, lambda *_: driver.gc.trigger())  # `csi-wasm store gc` on a live node
     metrics_server = None
     if args.metrics_address:
         from csi_wasm.http import MetricsServer, parse_address

@@ -29,6 +29,7 @@ from csi_wasm.errors import DriverError, InvalidRequest, MountError, OperationPe
 from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import Mounter
+from csi_wasm.pins import Pins
 from csi_wasm.pull import ModuleRequest, PullPolicy, Puller, ResolvedModule
 from csi_wasm.records import RecordStore, VolumeRecord
 from csi_wasm.reference import is_sha256_digest, parse_reference
@@ -114,6 +115,7 @@ class Publisher:
         puller: Puller,
         mounter: Mounter,
         metrics: Metrics,
+        pins: Pins,
         node_keychain: Keychain | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -125,8 +127,8 @@ class Publisher:
         self._metrics = metrics
         self._keychain = node_keychain or Keychain()
         self._clock = clock
+        self._pins = pins
         self._busy: set[str] = set()
-        self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- publish -----------------------------------------------------------
@@ -140,8 +142,7 @@ class Publisher:
                 raise TargetConflict(
                     f"target {target} already holds volume {existing.volume_id}, not {request.volume_id}"
                 )
-            module = self._puller.ensure(spec.module, deadline)
-            with self._pinned(module.digest):
+            with self._module_pinned(spec, deadline) as module:
                 if self._already_published(target, existing, module, spec):
                     return
                 self._mount_and_record(request, spec, module, target)
@@ -190,6 +191,7 @@ class Publisher:
             if created:
                 _remove_target(target)
             raise
+        self._store.touch(module.digest)
         self._metrics.mounted_volumes.set(len(self._records.all()))
         event(
             log, "publish", volume_id=request.volume_id, pod=_pod(request.volume_context), image=str(spec.module.ref),
@@ -212,6 +214,7 @@ class Publisher:
             _remove_target(target)
             if record is not None:
                 self._records.delete(str(target))
+                self._store.touch(record.module_digest)  # the LRU clock starts at the last release
         self._metrics.mounted_volumes.set(len(self._records.all()))
         event(log, "unpublish", volume_id=volume_id, target=str(target), known=record is not None,
               image=record.image if record else "", digest=record.module_digest if record else "")  # fmt: skip
@@ -255,21 +258,13 @@ class Publisher:
                 self._busy.discard(key)
 
     @contextlib.contextmanager
-    def _pinned(self, digest: str) -> Iterator[None]:
-        """Keep the garbage collector off a module between fetching it and recording its use."""
-        with self._lock:
-            self._pins[digest] = self._pins.get(digest, 0) + 1
+    def _module_pinned(self, spec: VolumeSpec, deadline: float | None) -> Iterator[ResolvedModule]:
+        """The module, kept from the garbage collector until its use is recorded."""
+        module = self._puller.ensure_pinned(spec.module, self._pins, deadline)
         try:
-            yield
+            yield module
         finally:
-            with self._lock:
-                self._pins[digest] -= 1
-                if not self._pins[digest]:
-                    del self._pins[digest]
-
-    def pinned(self) -> set[str]:
-        with self._lock:
-            return set(self._pins)
+            self._pins.unpin(module.digest)
 
 
 def _make_target(target: pathlib.Path) -> bool:

@@ -30,6 +30,7 @@ from csi_wasm.errors import (
     DriverError,
     InvalidRequest,
     ModuleNotFound,
+    RegistryError,
     RegistryTimeout,
     TooLarge,
     UnsupportedLayout,
@@ -37,6 +38,7 @@ from csi_wasm.errors import (
 from csi_wasm.layouts import ModuleLayer, is_index, select_from_index, select_module_layer
 from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
+from csi_wasm.pins import Pins
 from csi_wasm.reference import Reference
 from csi_wasm.registry import FetchedManifest, RegistryClient
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
@@ -45,6 +47,10 @@ log = logging.getLogger("csi_wasm.pull")
 MODULE_IN_TAR = "plugin.wasm"
 # A gzip layer may not inflate past this many times the module cap (gzip bomb guard).
 INFLATE_FACTOR = 4
+PIN_ATTEMPTS = 3
+# A module that has just landed is kept from the GC this long (monotonic), so the publishes
+# that waited for it can pin it: the collector deletes only under the pins lock, never these.
+LANDED_PROTECTION_SECONDS = 60.0
 
 
 class PullPolicy(enum.Enum):
@@ -102,6 +108,7 @@ class Puller:
         self._tags: dict[str, _TagEntry] = {}
         self._authorized: dict[tuple[str, str, str], float] = {}
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
+        self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, config.max_concurrent_downloads), thread_name_prefix="download"
@@ -110,7 +117,24 @@ class Puller:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def recently_landed(self) -> set[str]:
+        """Modules downloaded in the last ``LANDED_PROTECTION_SECONDS``: not for the garbage collector."""
+        horizon = time.monotonic() - LANDED_PROTECTION_SECONDS
+        with self._lock:
+            for digest in [d for d, at in self._landed.items() if at < horizon]:
+                del self._landed[digest]
+            return set(self._landed)
+
     # -- the entry point -------------------------------------------------
+
+    def ensure_pinned(self, request: ModuleRequest, pins: Pins, deadline: float | None = None) -> ResolvedModule:
+        """``ensure``, returning the module pinned against garbage collection; the caller unpins it."""
+        for _ in range(PIN_ATTEMPTS):
+            module = self.ensure(request, deadline)
+            if pins.pin_if_present(module.digest, self._store.has):
+                return module
+            # collected between landing in the store and the pin: fetch it again
+        raise RegistryError(f"image {request.ref}: the module keeps leaving the store (store cap too small?)")
 
     def ensure(self, request: ModuleRequest, deadline: float | None = None) -> ResolvedModule:
         cached = self._from_store(request)
@@ -277,6 +301,8 @@ class Puller:
         finally:
             self._metrics.pulls_in_flight.dec()
         seconds = time.monotonic() - started
+        with self._lock:
+            self._landed[stored.digest] = time.monotonic()
         self._metrics.pull_total.labels("success").inc()
         self._metrics.pull_seconds.observe(seconds)
         event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3))

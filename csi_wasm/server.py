@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import logging
 import os
 import pathlib
@@ -14,12 +15,16 @@ import grpc
 from csi_wasm._gen import csi_pb2_grpc
 from csi_wasm.config import DriverConfig
 from csi_wasm.credentials import Keychain, load_docker_config
+from csi_wasm.errors import DriverError
+from csi_wasm.gc import GarbageCollector
 from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import LinuxMounter, Mounter
+from csi_wasm.pins import Pins
 from csi_wasm.publish import Publisher
-from csi_wasm.pull import Puller
+from csi_wasm.pull import ModuleRequest, Puller
 from csi_wasm.records import RecordStore
+from csi_wasm.reference import parse_reference
 from csi_wasm.recovery import RecoveryReport, recover
 from csi_wasm.registry import RegistryClient
 from csi_wasm.servicers import IdentityServicer, NodeServicer
@@ -28,6 +33,8 @@ from csi_wasm.store import ModuleStore
 log = logging.getLogger("csi_wasm.server")
 GRPC_WORKERS = 16
 STOP_GRACE_SECONDS = 30.0
+DRIVER_LOCK = "driver.lock"
+DRIVER_PID = "driver.pid"
 
 
 class Driver:
@@ -50,10 +57,50 @@ class Driver:
             self.store, self.client, config.node.pull, self.metrics, config.node.store.auth_cache_seconds
         )
         keychain = load_docker_config(pathlib.Path(config.node.docker_config)) if config.node.docker_config else Keychain()
+        self.pins = Pins()
         self.publisher = Publisher(
-            config.kubelet_dir, self.store, self.records, self.puller, self.mounter, self.metrics, keychain
+            config.kubelet_dir, self.store, self.records, self.puller, self.mounter, self.metrics, self.pins, keychain
         )
+        self.gc = GarbageCollector(
+            self.store, self.records, self.pins, config.node.store, self.metrics, protected=self.protected_from_gc
+        )
+        self._prepulled: set[str] = set()
         self._ready = threading.Event()
+        self._stop_background = threading.Event()
+        self._lock_file: int | None = None
+
+    def prepulled(self) -> set[str]:
+        return set(self._prepulled)
+
+    def protected_from_gc(self) -> set[str]:
+        return self.prepulled() | self.puller.recently_landed()
+
+    def claim_state_dir(self) -> None:
+        """Hold a shared lock on the state dir and write our pid, so `csi-wasm store gc` can find us."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = os.open(self.config.state_dir / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+        (self.config.state_dir / DRIVER_PID).write_text(f"{os.getpid()}\n")
+
+    def start_background(self) -> None:
+        """Pre-pull configured modules, then collect garbage every ``gc_interval_seconds``."""
+        threading.Thread(target=self._prepull, name="prepull", daemon=True).start()
+        threading.Thread(
+            target=self.gc.run_forever,
+            args=(self.config.node.store.gc_interval_seconds, self._stop_background),
+            name="gc",
+            daemon=True,
+        ).start()
+
+    def _prepull(self) -> None:
+        for image in self.config.node.prepull:
+            try:
+                module = self.puller.ensure(ModuleRequest(parse_reference(image)))
+            except DriverError as exc:
+                event(log, "prepull.failed", logging.WARNING, image=image, reason=exc.reason, error=str(exc))
+                continue
+            self._prepulled.add(module.digest)
+            event(log, "prepull", image=image, digest=module.digest, cached=module.from_cache)
 
     @property
     def pods_dir(self) -> pathlib.Path:
@@ -81,7 +128,13 @@ class Driver:
         return server
 
     def close(self) -> None:
+        self._stop_background.set()
+        self.gc.trigger()
         self.puller.close()
+        if self._lock_file is not None:
+            (self.config.state_dir / DRIVER_PID).unlink(missing_ok=True)
+            os.close(self._lock_file)
+            self._lock_file = None
 
 
 def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
@@ -89,12 +142,14 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
     socket_path = pathlib.Path(driver.config.socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)  # a stale socket from a previous run blocks bind
+    driver.claim_state_dir()
     server = driver.grpc_server()
     server.add_insecure_port(f"unix://{socket_path}")
     server.start()
     event(log, "serving", endpoint=str(socket_path), driver=driver.config.driver_name, node_id=driver.config.node_id)
     try:
         driver.recover()
+        driver.start_background()
         if on_ready:
             on_ready()
         stop.wait()

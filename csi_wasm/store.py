@@ -9,6 +9,7 @@ Layout under ``<state-dir>/store``::
     tags/<sha256 of reference>.json   last manifest digest a tag resolved to (for pullPolicy Never
                                       after a restart or a `csi-wasm pull`)
     tmp/                              downloads in progress; swept at start
+    quarantine/                       modules `csi-wasm store verify` found corrupt
 
 Every change is write-temp, fsync, rename, fsync-directory: a crash leaves either
 the old state or the new one, never a partial module under its final name.
@@ -153,6 +154,7 @@ class ModuleStore:
         self.manifests_dir = root / "manifests"
         self.tmp_dir = root / "tmp"
         self.tags_dir = root / "tags"
+        self.quarantine_dir = root / "quarantine"
         self._min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
         for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir, self.tags_dir):
@@ -198,7 +200,7 @@ class ModuleStore:
             info = path.stat()
         except FileNotFoundError:
             return None
-        return StoredModule(digest=digest, size=info.st_size, path=path, last_used=info.st_atime)
+        return StoredModule(digest=digest, size=info.st_size, path=path, last_used=info.st_mtime)
 
     def modules(self) -> list[StoredModule]:
         found = []
@@ -208,17 +210,43 @@ class ModuleStore:
                 found.append(module)
         return found
 
+    def touch(self, digest: str, when: float | None = None) -> None:
+        """Record a use (a publish, or the last unpublish) as the module's mtime: the LRU clock for GC."""
+        try:
+            os.utime(self.module_path(digest), None if when is None else (when, when))
+        except FileNotFoundError:
+            pass
+
+    def verify(self, digest: str) -> bool:
+        """Rehash a stored module; True if its bytes still match its name."""
+        hasher = hashlib.sha256()
+        with open(self.module_path(digest), "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                hasher.update(chunk)
+        return f"sha256:{hasher.hexdigest()}" == digest
+
+    def quarantine(self, digest: str) -> pathlib.Path:
+        """Move a corrupt module out of the store (mounted pods keep their inode); new publishes re-fetch."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        destination = self.quarantine_dir / f"{digest.removeprefix('sha256:')}.{int(time.time())}"
+        os.replace(self.module_path(digest), destination)
+        self._remove_views(digest)
+        fsync_dir(self.modules_dir)
+        return destination
+
     def remove(self, digest: str) -> None:
-        hexdigest = digest.removeprefix("sha256:")
-        view_root = self.views_dir / hexdigest
+        self._remove_views(digest)
+        self.module_path(digest).unlink(missing_ok=True)
+        fsync_dir(self.modules_dir)
+
+    def _remove_views(self, digest: str) -> None:
+        view_root = self.views_dir / digest.removeprefix("sha256:")
         if view_root.exists():
             for view in view_root.iterdir():
                 for item in view.iterdir():
                     item.unlink()
                 view.rmdir()
             view_root.rmdir()
-        self.module_path(digest).unlink(missing_ok=True)
-        fsync_dir(self.modules_dir)
 
     def sweep_temp_files(self) -> int:
         removed = 0

@@ -104,7 +104,7 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
         kubelet_dir=tmp_path / "kubelet",
         node=node,
     )
-    (config.kubelet_dir / "pods").mkdir(parents=True)
+    (config.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
     driver = Driver(config)
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve, args=(driver, stop, ready.set), daemon=True)
@@ -159,3 +159,53 @@ def which_or_fail(binary: str) -> str:
     path = shutil.which(binary)
     assert path, f"{binary} must be installed (see .ci/run)"
     return path
+
+
+@dataclass
+class DriverProcess:
+    """The driver run by its real CLI in a subprocess (for restarts, SIGTERM and kill -9)."""
+
+    args: list[str]
+    socket: str
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DriverProcess:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read().decode() if self.process.stderr else ""
+            if pathlib.Path(self.socket).exists() and self._ready():
+                return self
+            time.sleep(0.05)
+        raise AssertionError("driver subprocess did not become ready")
+
+    def _ready(self) -> bool:
+        from csi_wasm._gen import csi_pb2, csi_pb2_grpc
+
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
+            try:
+                response = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+        return response.ready.value
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(60)
+
+
+def driver_process(tmp_path: pathlib.Path, *extra: str) -> DriverProcess:
+    import sys
+
+    socket = str(tmp_path / "csi" / "csi.sock")
+    (tmp_path / "kubelet" / "pods").mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "csi_wasm", "serve", "--endpoint", f"unix://{socket}", "--node-id", "test-node",
+            "--driver-name", DRIVER_NAME, "--state-dir", str(tmp_path / "state"),
+            "--kubelet-dir", str(tmp_path / "kubelet"), *extra]  # fmt: skip
+    return DriverProcess(args, socket)

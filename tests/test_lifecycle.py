@@ -1,0 +1,375 @@
+"""Node lifecycle: garbage collection, the free-disk guard, restart recovery, kill -9, concurrency, stress,
+pre-pull and the operator commands. Real mounts, real registry, the real driver."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import grpc
+import pytest
+
+from csi_wasm.config import NodeConfig, StoreConfig
+from csi_wasm.demo.kubelet import InlineVolume, Kubelet
+from csi_wasm.demo.push import Pushed, Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module, sha256_digest
+from csi_wasm.gc import GarbageCollector
+from csi_wasm.mounts import LinuxMounter
+from csi_wasm.records import VolumeRecord
+
+from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
+
+DAY = 24 * 3600.0
+
+
+@pytest.fixture(scope="module")
+def modules(pusher: Pusher) -> list[Pushed]:
+    return [pusher.wasm_artifact("lifecycle/filter", f"m{n}", make_module(5000 + n, f"lifecycle-{n}")) for n in range(5)]
+
+
+def _collector(csi: RunningDriver, now: float, protect_landed: bool = False, **store: float) -> GarbageCollector:
+    """A collector on the running driver's store with a fake clock. Fresh downloads are protected for a
+    minute of real time; tests that fake days passing leave that protection out unless they race."""
+    driver = csi.driver
+    config = replace(driver.config.node.store, **store)  # type: ignore[arg-type]
+    protected = driver.protected_from_gc if protect_landed else driver.prepulled
+    return GarbageCollector(driver.store, driver.records, driver.pins, config, driver.metrics,
+                            protected=protected, clock=lambda: now)
+
+
+# -- garbage collection ------------------------------------------------------------
+
+
+def test_gc_keeps_referenced_modules_and_unused_ones_until_the_grace_period_ends(
+    csi: RunningDriver, modules: list[Pushed]
+) -> None:
+    used, released = csi.volume(modules[0].reference), csi.volume(modules[1].reference)
+    csi.kubelet.mount(used)
+    csi.kubelet.mount(released)
+    csi.kubelet.unmount(released)
+    now = time.time()
+    report = _collector(csi, now + DAY - 60).collect()
+    assert report.removed == () and report.kept_in_grace == 1 and report.kept_referenced == 1
+    report = _collector(csi, now + DAY + 60).collect()
+    assert report.removed == (modules[1].module_digest,)
+    assert csi.driver.store.has(modules[0].module_digest) and not csi.driver.store.has(modules[1].module_digest)
+    assert (csi.kubelet.target_path(used) / "plugin.wasm").read_bytes() == make_module(5000, "lifecycle-0")
+    again = csi.volume(modules[1].reference)  # a collected module is fetched again when needed
+    assert (csi.kubelet.mount(again) / "plugin.wasm").read_bytes() == make_module(5001, "lifecycle-1")
+    csi.kubelet.unmount(again)
+    csi.kubelet.unmount(used)
+
+
+def test_gc_never_judges_use_by_access_time(csi: RunningDriver, modules: list[Pushed]) -> None:
+    volume = csi.volume(modules[2].reference)
+    target = csi.kubelet.mount(volume)
+    old = time.time() - 30 * DAY  # nobody has read it for a month, but a pod still mounts it
+    os.utime(csi.driver.store.module_path(modules[2].module_digest), (old, old))
+    assert _collector(csi, time.time()).collect().removed == ()
+    assert (target / "plugin.wasm").exists()
+    csi.kubelet.unmount(volume)
+
+
+def test_over_the_size_cap_unreferenced_modules_go_least_recently_used_first(
+    csi: RunningDriver, modules: list[Pushed]
+) -> None:
+    volumes = [csi.volume(m.reference) for m in modules[:4]]
+    for volume in volumes:
+        csi.kubelet.mount(volume)
+    for offset, volume in zip((300, 100, 200), volumes[:3]):  # release in a known order of "last used"
+        csi.kubelet.unmount(volume)
+        csi.driver.store.touch(modules[volumes.index(volume)].module_digest, time.time() - offset)
+    sizes = {m.digest: m.size for m in csi.driver.store.modules()}
+    cap = sum(sizes.values()) - sizes[modules[0].module_digest] - 1  # must free just over one module
+    report = _collector(csi, time.time(), max_store_bytes=cap).collect()
+    assert report.removed == (modules[0].module_digest, modules[2].module_digest)  # oldest first, until under cap
+    assert csi.driver.store.has(modules[3].module_digest)  # referenced: never deleted
+    tiny = _collector(csi, time.time(), max_store_bytes=1).collect()
+    assert modules[3].module_digest not in tiny.removed and csi.driver.store.has(modules[3].module_digest)
+    csi.kubelet.unmount(volumes[3])
+
+
+def test_gc_racing_publishes_never_breaks_a_publish(csi: RunningDriver, modules: list[Pushed]) -> None:
+    stop = threading.Event()
+    collector = _collector(csi, time.time() + 10 * DAY, protect_landed=True, gc_grace_seconds=0)
+    collections = 0
+
+    def collect_forever() -> None:
+        nonlocal collections
+        while not stop.is_set():
+            collector.collect()
+            collections += 1
+
+    errors: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(25):
+                pushed = rng.choice(modules)
+                volume = csi.volume(pushed.reference)
+                target = csi.kubelet.mount(volume)
+                assert sha256_digest((target / "plugin.wasm").read_bytes()) == pushed.module_digest
+                csi.kubelet.unmount(volume)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    gc_thread = threading.Thread(target=collect_forever)
+    gc_thread.start()
+    workers = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    stop.set()
+    gc_thread.join(30)
+    assert errors == [] and collections > 0
+    assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
+
+
+def test_a_download_that_would_cross_the_free_space_floor_is_resource_exhausted(
+    tmp_path: pathlib.Path, registry: LocalRegistry, modules: list[Pushed]
+) -> None:
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    node = NodeConfig(store=StoreConfig(min_free_bytes=free + 10**9), pull=fast_pull_config())
+    running = start_driver(tmp_path, node.with_insecure([registry.host]))
+    try:
+        with pytest.raises(grpc.RpcError) as failure:
+            running.kubelet.mount(running.volume(modules[0].reference))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "floor" in (failure.value.details() or "")
+        assert running.driver.store.modules() == [] and not any(running.driver.store.tmp_dir.iterdir())
+    finally:
+        stop_driver(running)
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def test_a_second_call_for_a_busy_target_is_aborted(csi: RunningDriver, modules: list[Pushed]) -> None:
+    volume = csi.volume(modules[0].reference)
+    target = pathlib.Path(csi.kubelet.target_path(volume))
+    with csi.driver.publisher._claim(target):  # an operation on this target is in flight
+        with pytest.raises(grpc.RpcError) as failure:
+            csi.kubelet.mount(volume)
+        assert failure.value.code() == grpc.StatusCode.ABORTED
+        with pytest.raises(grpc.RpcError) as failure:
+            csi.kubelet.unmount(volume)
+        assert failure.value.code() == grpc.StatusCode.ABORTED
+    other = csi.volume(modules[0].reference)
+    with csi.driver.publisher._claim(target):  # other targets are not held up
+        csi.kubelet.mount(other)
+    csi.kubelet.mount(volume)
+    csi.kubelet.unmount(volume)
+    csi.kubelet.unmount(other)
+
+
+def test_stress_random_publish_and_unpublish_leaves_nothing_behind(csi: RunningDriver, modules: list[Pushed]) -> None:
+    threads, targets_per_thread, seconds = 8, 25, 6.0
+    pods = [[csi.volume(random.Random(t * 100 + n).choice(modules).reference) for n in range(targets_per_thread)]
+            for t in range(threads)]  # fmt: skip
+    published: list[set[int]] = [set() for _ in range(threads)]
+    errors: list[BaseException] = []
+    operations = [0]
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        try:
+            while time.monotonic() < deadline:
+                n = rng.randrange(targets_per_thread)
+                if n in published[index]:
+                    csi.kubelet.unmount(pods[index][n])
+                    published[index].discard(n)
+                else:
+                    csi.kubelet.mount(pods[index][n])
+                    published[index].add(n)
+                operations[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert errors == [] and operations[0] > threads
+    expected: dict[str, int] = {}
+    for index, numbers in enumerate(published):
+        for n in numbers:
+            digest = sha256_digest(make_module(5000 + int(pods[index][n].attributes["image"][-1]),
+                                               f"lifecycle-{pods[index][n].attributes['image'][-1]}"))  # fmt: skip
+            expected[digest] = expected.get(digest, 0) + 1
+    assert dict(csi.driver.records.references()) == expected
+    assert len(csi.mounts_under_kubelet()) == sum(expected.values())
+    for index, numbers in enumerate(published):
+        for n in numbers:
+            csi.kubelet.unmount(pods[index][n])
+    assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
+    assert not any((csi.config.state_dir / "volumes").glob("*.json"))
+
+
+# -- restart recovery ----------------------------------------------------------------
+
+
+def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, node_config: NodeConfig,
+                                                       modules: list[Pushed]) -> None:  # fmt: skip
+    running = start_driver(tmp_path, node_config)
+    kept, lost = running.volume(modules[0].reference), running.volume(modules[1].reference)
+    orphan = running.volume(modules[2].reference)
+    for volume in (kept, lost, orphan):
+        running.kubelet.mount(volume)
+    stop_driver_keeping_mounts(running)
+    mounter = LinuxMounter()
+    mounter.unmount(running.kubelet.target_path(lost))  # its mount vanished while the driver was down
+    os.rmdir(running.kubelet.target_path(lost))
+    records_dir = running.config.state_dir / "volumes"
+    from csi_wasm.records import record_key
+
+    (records_dir / f"{record_key(str(running.kubelet.target_path(orphan)))}.json").unlink()  # mount without record
+    (records_dir / "garbage.json").write_text("{not json")
+    (running.config.state_dir / "store" / "tmp" / "interrupted.partial").write_bytes(b"\0asm")
+
+    restarted = start_driver(tmp_path, node_config)
+    try:
+        assert restarted.driver.store.sweep_temp_files() == 0  # already swept at start
+        samples = {s.labels["kind"]: s.value for m in restarted.driver.metrics.registry.collect()
+                   if m.name == "csi_wasm_start_repairs" for s in m.samples if s.name.endswith("_total")}  # fmt: skip
+        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 1}
+        targets = {r.target_path for r in restarted.driver.records.all()}
+        assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan)}
+        for volume in (kept, orphan, lost):
+            restarted.kubelet.unmount(volume)
+        assert restarted.mounts_under_kubelet() == [] and restarted.driver.records.all() == []
+    finally:
+        stop_driver(restarted)
+
+
+def stop_driver_keeping_mounts(running: RunningDriver) -> None:
+    running.kubelet.close()
+    running.stop.set()
+    running.thread.join(60)
+
+
+def test_kill_minus_9_mid_download_and_after_publish(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    big = make_module(96 * 1024 * 1024, "kill-mid-download")
+    large = pusher.wasm_artifact("lifecycle/large", "v1", big)
+    small = pusher.wasm_artifact("lifecycle/small", "v1", make_module(4000, "kill-small"))
+    driver = driver_process(tmp_path, "--insecure-registry", registry.host).start()
+    kubelet = Kubelet(driver.socket, tmp_path / "kubelet")
+    survivor = InlineVolume("pod-survivor", "survivor", "default", "wasm", {"image": small.reference})
+    kubelet.mount(survivor)
+    victim = InlineVolume("pod-victim", "victim", "default", "wasm", {"image": large.reference})
+    tmp_dir = tmp_path / "state" / "store" / "tmp"
+    publisher = threading.Thread(target=_try_mount, args=(kubelet, victim))
+    publisher.start()
+    assert wait_for(lambda: any(tmp_dir.glob("*.partial")), timeout=30), "download never started"
+    driver.kill()  # kill -9 while the module streams into the store
+    publisher.join(30)
+    kubelet.close()
+    assert (kubelet.target_path(survivor) / "plugin.wasm").read_bytes() == make_module(4000, "kill-small")
+
+    driver = driver_process(tmp_path, "--insecure-registry", registry.host).start()
+    kubelet = Kubelet(driver.socket, tmp_path / "kubelet")
+    try:
+        assert not any(tmp_dir.iterdir()), "temp files of the interrupted download survived the restart"
+        assert (kubelet.mount(victim) / "plugin.wasm").stat().st_size == len(big)  # republish works
+        verify = subprocess.run([sys.executable, "-m", "csi_wasm", "store", "verify", "--state-dir",
+                                 str(tmp_path / "state")], capture_output=True, text=True)  # fmt: skip
+        assert verify.returncode == 0 and "2 ok, 0 corrupt" in verify.stdout, verify.stdout
+        kubelet.unmount(survivor)  # published before the kill, unpublished after the restart
+        kubelet.unmount(victim)
+    finally:
+        kubelet.close()
+        assert driver.terminate() == 0
+    assert not pathlib.Path(driver.socket).exists()
+
+
+def _try_mount(kubelet: Kubelet, volume: InlineVolume) -> None:
+    try:
+        kubelet.mount(volume)
+    except grpc.RpcError:
+        pass  # the driver was killed under it
+
+
+# -- pre-pull and operator commands -------------------------------------------------------
+
+
+def test_prepull_at_start_warms_the_store_and_protects_it_from_gc(
+    tmp_path: pathlib.Path, registry: LocalRegistry, modules: list[Pushed]
+) -> None:
+    node = replace(NodeConfig(pull=fast_pull_config()), prepull=(modules[3].reference,)).with_insecure([registry.host])
+    running = start_driver(tmp_path, node)
+    try:
+        assert wait_for(lambda: running.driver.store.has(modules[3].module_digest), timeout=30)
+        assert wait_for(lambda: modules[3].module_digest in running.driver.prepulled())
+        report = _collector(running, time.time() + 10 * DAY, gc_grace_seconds=0).collect()
+        assert modules[3].module_digest not in report.removed
+        volume = running.volume(modules[3].reference, pullPolicy="Never")
+        assert (running.kubelet.mount(volume) / "plugin.wasm").exists()
+        running.kubelet.unmount(volume)
+    finally:
+        stop_driver(running)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "csi_wasm", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_store_commands_list_verify_and_gc(tmp_path: pathlib.Path, csi: RunningDriver, modules: list[Pushed]) -> None:
+    state = str(csi.config.state_dir)
+    used, released = csi.volume(modules[0].reference), csi.volume(modules[1].reference)
+    csi.kubelet.mount(used)
+    csi.kubelet.mount(released)
+    csi.kubelet.unmount(released)
+    listing = _cli("store", "list", "--state-dir", state)
+    assert listing.returncode == 0
+    lines = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    assert lines[modules[0].module_digest][2] == "1" and lines[modules[1].module_digest][2] == "0"
+    corrupt = csi.driver.store.module_path(modules[1].module_digest)
+    corrupt.write_bytes(b"\0asm\x01\0\0\0bitrot")
+    verify = _cli("store", "verify", "--state-dir", state)
+    assert verify.returncode == 1 and f"CORRUPT {modules[1].module_digest}" in verify.stdout
+    assert not csi.driver.store.has(modules[1].module_digest)
+    assert any(csi.driver.store.quarantine_dir.iterdir())
+    csi.kubelet.unmount(used)
+    config = tmp_path / "gc.yaml"
+    config.write_text("store: {gc_grace_seconds: 0}\n")
+    csi.stop.set()  # offline gc: the in-process driver is gone, the CLI collects itself
+    csi.thread.join(60)
+    gc = _cli("store", "gc", "--state-dir", state, "--config", str(config))
+    assert gc.returncode == 0 and "removed 1 modules" in gc.stdout, gc.stdout + gc.stderr
+    assert csi.driver.store.modules() == []
+
+
+def test_store_gc_on_a_live_node_asks_the_running_driver(tmp_path: pathlib.Path, registry: LocalRegistry,
+                                                         modules: list[Pushed]) -> None:  # fmt: skip
+    config = tmp_path / "node.yaml"
+    config.write_text("store: {gc_grace_seconds: 0, gc_interval_seconds: 3600}\n")
+    # warmed by `csi-wasm pull` (not a download of the driver's own, which it shields for a minute)
+    warm = _cli("pull", "--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host,
+                modules[4].reference)  # fmt: skip
+    assert warm.returncode == 0, warm.stderr
+    driver = driver_process(tmp_path, "--insecure-registry", registry.host, "--config", str(config)).start()
+    kubelet = Kubelet(driver.socket, tmp_path / "kubelet")
+    try:
+        volume = InlineVolume("pod-gc", "gc", "default", "wasm", {"image": modules[4].reference})
+        kubelet.mount(volume)
+        kubelet.unmount(volume)
+        module = tmp_path / "state" / "store" / "modules" / "sha256" / modules[4].module_digest[7:]
+        assert module.exists()
+        gc = _cli("store", "gc", "--state-dir", str(tmp_path / "state"))
+        assert gc.returncode == 0 and "asked it to collect" in gc.stdout
+        assert wait_for(lambda: not module.exists(), timeout=10)
+    finally:
+        kubelet.close()
+        assert driver.terminate() == 0
