@@ -7,6 +7,7 @@ attributes that any pod author can set.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import pathlib
 import re
@@ -30,6 +31,8 @@ class RegistryHostConfig:
     insecure: bool = False  # plain HTTP; only for hosts an admin names
     ca_bundle: str | None = None  # extra CA bundle (PEM file) to verify this host
     mirrors: tuple[str, ...] = ()  # hosts tried in order before the upstream
+    require_signature: bool = False  # a module must carry a cosign signature by cosign_public_key
+    cosign_public_key: str | None = None  # PEM file: ECDSA P-256 public key (cosign's default)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class NodeConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     docker_config: str | None = None  # node-wide credentials (docker config.json)
     prepull: tuple[str, ...] = ()
+    # Which images pods may use: "host/path" patterns, "*" within one path component,
+    # "**" across components (csi_wasm.policy). Empty: every image is allowed.
+    allowed_images: tuple[str, ...] = ()
+    # Private blocks (CIDR) a registry may redirect to or name as its token realm even
+    # when the registry itself is not in them (csi_wasm.registry.refuse_forbidden_host).
+    allowed_private_networks: tuple[str, ...] = ()
 
     def registry(self, host: str) -> RegistryHostConfig:
         return self.registries.get(host, RegistryHostConfig())
@@ -128,7 +137,37 @@ def parse_node_config(raw: Any) -> NodeConfig:
         store=_section(data.get("store", {}), StoreConfig, "store"),
         docker_config=_optional_str(data.get("docker_config"), "docker_config"),
         prepull=tuple(_str_list(data.get("prepull", []), "prepull")),
+        allowed_images=_image_patterns(data.get("allowed_images", [])),
+        allowed_private_networks=_networks(data.get("allowed_private_networks", [])),
     )
+
+
+def _image_patterns(raw: Any) -> tuple[str, ...]:
+    from csi_wasm.policy import validate_pattern  # policy imports nothing from here at module level
+
+    patterns = _str_list(raw, "allowed_images")
+    for index, pattern in enumerate(patterns):
+        problem = validate_pattern(pattern)
+        if problem:
+            raise ConfigError(f"allowed_images[{index}] {pattern!r}: {problem}")
+    return tuple(patterns)
+
+
+_NEVER_ALLOWED = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+
+
+def _networks(raw: Any) -> tuple[str, ...]:
+    networks = _str_list(raw, "allowed_private_networks")
+    for index, text in enumerate(networks):
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"allowed_private_networks[{index}] {text!r}: not a CIDR block ({exc})") from exc
+        if any(network.overlaps(never) for never in _NEVER_ALLOWED if never.version == network.version):
+            raise ConfigError(
+                f"allowed_private_networks[{index}] {text!r}: link-local/metadata addresses cannot be allowed"
+            )
+    return tuple(str(ipaddress.ip_network(text, strict=False)) for text in networks)
 
 
 def _registry(raw: Any, where: str) -> RegistryHostConfig:
@@ -137,10 +176,18 @@ def _registry(raw: Any, where: str) -> RegistryHostConfig:
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"{where}.insecure: expected true or false, got {insecure!r}")
+    require_signature = data.get("require_signature", False)
+    if not isinstance(require_signature, bool):
+        raise ConfigError(f"{where}.require_signature: expected true or false, got {require_signature!r}")
+    key = _optional_str(data.get("cosign_public_key"), f"{where}.cosign_public_key")
+    if require_signature and not key:
+        raise ConfigError(f"{where}.require_signature: needs cosign_public_key (a PEM file)")
     return RegistryHostConfig(
         insecure=insecure,
         ca_bundle=_optional_str(data.get("ca_bundle"), f"{where}.ca_bundle"),
         mirrors=tuple(_str_list(data.get("mirrors", []), f"{where}.mirrors")),
+        require_signature=require_signature,
+        cosign_public_key=key,
     )
 
 
@@ -192,6 +239,8 @@ def describe(config: NodeConfig) -> str:
             "pull": vars(config.pull),
             "store": vars(config.store),
             "prepull": list(config.prepull),
+            "allowed_images": list(config.allowed_images),
+            "allowed_private_networks": list(config.allowed_private_networks),
         },
         sort_keys=True,
     )
