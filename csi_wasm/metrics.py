@@ -6,8 +6,14 @@ to the logs. Labels are small closed sets (operation results, error reasons).
 
 from __future__ import annotations
 
+from typing import Callable, Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from csi_wasm.errors import DriverError
 
 # A cached publish is sub-millisecond; a cold pull of a large module can take minutes.
 LATENCY_BUCKETS = (
@@ -38,19 +44,55 @@ class Metrics:
         self.pull_total = Counter("csi_wasm_pulls", "Module downloads by result", ["result"], registry=r)
         self.pull_bytes = Counter("csi_wasm_pull_bytes", "Bytes downloaded from registries", registry=r)
         self.pull_seconds = Histogram(
-            "csi_wasm_pull_duration_seconds", "Module download duration", buckets=LATENCY_BUCKETS, registry=r
+            "csi_wasm_pull_duration_seconds", "Duration of completed module downloads", buckets=LATENCY_BUCKETS, registry=r
         )
         self.pulls_in_flight = Gauge("csi_wasm_pulls_in_flight", "Downloads running now", registry=r)
         self.pull_joins = Counter(
             "csi_wasm_pull_joins", "Publishes that joined a download already in flight", registry=r
         )
         self.cache_lookups = Counter("csi_wasm_cache_lookups", "Store lookups by outcome", ["outcome"], registry=r)
-        self.store_modules = Gauge("csi_wasm_store_modules", "Modules in the store", registry=r)
-        self.store_bytes = Gauge("csi_wasm_store_bytes", "Bytes of modules in the store", registry=r)
-        self.referenced_modules = Gauge(
-            "csi_wasm_store_referenced_modules", "Modules referenced by at least one volume", registry=r
-        )
         self.gc_evictions = Counter("csi_wasm_gc_evictions", "Modules removed by garbage collection", registry=r)
         self.gc_bytes = Counter("csi_wasm_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
         self.repairs = Counter("csi_wasm_start_repairs", "Inconsistencies repaired at start", ["kind"], registry=r)
         self.mounted_volumes = Gauge("csi_wasm_mounted_volumes", "Volumes published on this node", registry=r)
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Every known label value exists from the start, so rate() and alerts see the first event."""
+        results = ["success", "internal", *sorted({cls.reason for cls in _error_classes()})]
+        for counter in (self.publish_total, self.unpublish_total, self.pull_total):
+            for result in results:
+                counter.labels(result)
+        for outcome in ("hit", "miss"):
+            self.cache_lookups.labels(outcome)
+
+    def watch_store(self, sizes: Callable[[], Mapping[str, int]], references: Callable[[], Mapping[str, int]]) -> None:
+        """Report the store at scrape time (module digest -> bytes, digest -> volumes), so it is never stale."""
+        self.registry.register(_StoreCollector(sizes, references))
+
+
+def _error_classes() -> list[type[DriverError]]:
+    found, pending = [], [DriverError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+class _StoreCollector(Collector):
+    def __init__(self, sizes: Callable[[], Mapping[str, int]], references: Callable[[], Mapping[str, int]]) -> None:
+        self._sizes = sizes
+        self._references = references
+
+    def collect(self) -> Iterable[Metric]:
+        sizes, references = self._sizes(), self._references()
+        referenced = sum(1 for digest in sizes if references.get(digest, 0) > 0)
+        yield GaugeMetricFamily("csi_wasm_store_modules", "Modules in the store", value=len(sizes))
+        yield GaugeMetricFamily("csi_wasm_store_bytes", "Bytes of modules in the store", value=sum(sizes.values()))
+        yield GaugeMetricFamily(
+            "csi_wasm_store_referenced_modules", "Modules used by at least one volume", value=referenced
+        )
+        yield GaugeMetricFamily(
+            "csi_wasm_store_unreferenced_modules", "Modules no volume uses (GC candidates)", value=len(sizes) - referenced
+        )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import pathlib
 import re
@@ -26,7 +25,6 @@ from typing import Callable, Iterator, Mapping
 
 from csi_wasm.credentials import Credentials, Keychain, keychain_from_secrets
 from csi_wasm.errors import DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
-from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import Mounter
 from csi_wasm.pins import Pins
@@ -35,7 +33,6 @@ from csi_wasm.records import RecordStore, VolumeRecord
 from csi_wasm.reference import is_sha256_digest, parse_reference
 from csi_wasm.store import ModuleStore, validate_file_name
 
-log = logging.getLogger("csi_wasm.publish")
 
 ATTR_IMAGE = "image"
 ATTR_FILE_NAME = "fileName"
@@ -60,6 +57,13 @@ class PublishRequest:
     target_path: str
     volume_context: Mapping[str, str] = field(default_factory=dict)
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Published:
+    digest: str
+    from_cache: bool  # no download was needed
+    already: bool  # an identical publish of this target was already in place
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class Publisher:
 
     # -- publish -----------------------------------------------------------
 
-    def publish(self, request: PublishRequest, deadline: float | None = None) -> None:
+    def publish(self, request: PublishRequest, deadline: float | None = None) -> Published:
         spec = VolumeSpec.parse(request.volume_context, request.secrets, self._keychain)
         target = self.resolve_target(request.target_path, request.volume_context.get(POD_UID))
         with self._claim(target):
@@ -144,8 +148,9 @@ class Publisher:
                 )
             with self._module_pinned(spec, deadline) as module:
                 if self._already_published(target, existing, module, spec):
-                    return
+                    return Published(module.digest, module.from_cache, already=True)
                 self._mount_and_record(request, spec, module, target)
+        return Published(module.digest, module.from_cache, already=False)
 
     def _already_published(
         self, target: pathlib.Path, existing: VolumeRecord | None, module: ResolvedModule, spec: VolumeSpec
@@ -193,14 +198,11 @@ class Publisher:
             raise
         self._store.touch(module.digest)
         self._metrics.mounted_volumes.set(len(self._records.all()))
-        event(
-            log, "publish", volume_id=request.volume_id, pod=_pod(request.volume_context), image=str(spec.module.ref),
-            digest=module.digest, cached=module.from_cache, target=str(target),
-        )  # fmt: skip
 
     # -- unpublish -----------------------------------------------------------
 
-    def unpublish(self, volume_id: str, target_path: str) -> None:
+    def unpublish(self, volume_id: str, target_path: str) -> VolumeRecord | None:
+        """Unmount, remove the target, drop the record; return the record it had (None if unknown)."""
         target = self.resolve_target(target_path, None)
         with self._claim(target):
             record = self._records.get(str(target))
@@ -216,8 +218,7 @@ class Publisher:
                 self._records.delete(str(target))
                 self._store.touch(record.module_digest)  # the LRU clock starts at the last release
         self._metrics.mounted_volumes.set(len(self._records.all()))
-        event(log, "unpublish", volume_id=volume_id, target=str(target), known=record is not None,
-              image=record.image if record else "", digest=record.module_digest if record else "")  # fmt: skip
+        return record
 
     # -- targets -------------------------------------------------------------
 
@@ -293,7 +294,7 @@ def _remove_target(target: pathlib.Path) -> None:
         raise MountError(f"cannot remove target {target}: {exc.strerror}") from exc
 
 
-def _pod(context: Mapping[str, str]) -> str:
+def pod_of(context: Mapping[str, str]) -> str:
     namespace, name = context.get(POD_NAMESPACE, ""), context.get(POD_NAME, "")
     return f"{namespace}/{name}" if namespace or name else ""
 

@@ -147,7 +147,13 @@ class Puller:
                 f"image {request.ref}: not in the node's store and pullPolicy is Never; "
                 "pre-pull it with `csi-wasm pull` or use IfNotPresent"
             )
-        return self._checked(request, self._pull(request, deadline))
+        try:
+            pulled = self._pull(request, deadline)
+        except DriverError as exc:
+            self._metrics.pull_total.labels(exc.reason).inc()
+            raise
+        self._metrics.pull_total.labels("success").inc()
+        return self._checked(request, pulled)
 
     def _checked(self, request: ModuleRequest, module: ResolvedModule) -> ResolvedModule:
         if request.module_digest and module.digest != request.module_digest:
@@ -294,7 +300,6 @@ class Puller:
                 else:
                     stored = self._store_from_tar(ref, layer, counted)
         except DriverError as exc:
-            self._metrics.pull_total.labels(exc.reason).inc()
             event(log, "pull.failed", logging.WARNING, image=str(ref), layer=layer.digest, reason=exc.reason,
                   error=str(exc), seconds=round(time.monotonic() - started, 3))  # fmt: skip
             raise
@@ -303,7 +308,6 @@ class Puller:
         seconds = time.monotonic() - started
         with self._lock:
             self._landed[stored.digest] = time.monotonic()
-        self._metrics.pull_total.labels("success").inc()
         self._metrics.pull_seconds.observe(seconds)
         event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3))
         return stored

@@ -65,6 +65,7 @@ class Driver:
             self.store, self.records, self.pins, config.node.store, self.metrics, protected=self.protected_from_gc
         )
         self._prepulled: set[str] = set()
+        self.metrics.watch_store(lambda: {m.digest: m.size for m in self.store.modules()}, self.records.references)
         self._ready = threading.Event()
         self._stop_background = threading.Event()
         self._lock_file: int | None = None

@@ -8,10 +8,11 @@ our exceptions into gRPC status codes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import grpc
 from google.protobuf import wrappers_pb2
@@ -31,8 +32,9 @@ from csi_wasm.errors import (
     StorageFull,
     TargetConflict,
 )
+from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
-from csi_wasm.publish import PublishRequest, Publisher
+from csi_wasm.publish import PublishRequest, Publisher, pod_of
 
 log = logging.getLogger("csi_wasm.servicers")
 
@@ -140,8 +142,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
-        started = self._clock()
-        try:
+        with self._observed("publish", request.volume_id, request.volume_context) as fields:
             _require(request.volume_id, "volume_id")
             _require(request.target_path, "target_path")
             if not request.HasField("volume_capability"):
@@ -149,7 +150,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             if request.volume_capability.HasField("block"):
                 raise InvalidRequest("block access is not supported: Wasm volumes are filesystem (mount) volumes")
             self._check_ready()
-            self._publisher.publish(
+            published = self._publisher.publish(
                 PublishRequest(
                     volume_id=request.volume_id,
                     target_path=request.target_path,
@@ -158,27 +159,49 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 ),
                 deadline=self._deadline(context),
             )
-        except DriverError as exc:
-            self._count(self._metrics.publish_total, exc.reason, started, self._metrics.publish_seconds)
-            raise
-        self._count(self._metrics.publish_total, "success", started, self._metrics.publish_seconds)
+            fields.update(digest=published.digest, cached=published.from_cache, repeat=published.already)
         return csi_pb2.NodePublishVolumeResponse()
 
     @grpc_errors
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        started = self._clock()
-        try:
+        with self._observed("unpublish", request.volume_id, {}) as fields:
             _require(request.volume_id, "volume_id")
             _require(request.target_path, "target_path")
             self._check_ready()
-            self._publisher.unpublish(request.volume_id, request.target_path)
-        except DriverError as exc:
-            self._count(self._metrics.unpublish_total, exc.reason, started, self._metrics.unpublish_seconds)
-            raise
-        self._count(self._metrics.unpublish_total, "success", started, self._metrics.unpublish_seconds)
+            record = self._publisher.unpublish(request.volume_id, request.target_path)
+            if record is not None:
+                fields.update(image=record.image, digest=record.module_digest,
+                              pod=f"{record.pod_namespace}/{record.pod_name}".strip("/"))  # fmt: skip
+            else:
+                fields.update(known=False)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @contextlib.contextmanager
+    def _observed(self, operation: str, volume_id: str, context: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        """One log line and one metric sample per call, whatever its outcome."""
+        started = self._clock()
+        fields: dict[str, Any] = {"volume_id": volume_id}
+        if context:
+            fields.update(pod=pod_of(context), image=context.get("image", ""))
+        total = self._metrics.publish_total if operation == "publish" else self._metrics.unpublish_total
+        seconds = self._metrics.publish_seconds if operation == "publish" else self._metrics.unpublish_seconds
+        result, level = "success", logging.INFO
+        try:
+            yield fields
+        except DriverError as exc:
+            result, level = exc.reason, logging.WARNING
+            fields["error"] = str(exc)
+            raise
+        except Exception:
+            result, level = "internal", logging.ERROR
+            raise
+        finally:
+            elapsed = self._clock() - started
+            total.labels(result).inc()
+            seconds.observe(elapsed)
+            event(log, operation, level, result=result, seconds=round(elapsed, 6), **fields)
 
     def _check_ready(self) -> None:
         if not self._is_ready():
@@ -189,8 +212,3 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if remaining is None or remaining > NO_DEADLINE_SECONDS:
             return None  # the caller set no deadline (gRPC reports a huge remaining time)
         return self._clock() + max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
-
-    def _count(self, counter: Any, result: str, started: float, histogram: Any) -> None:
-        counter.labels(result).inc()
-        histogram.observe(self._clock() - started)
-

@@ -200,12 +200,12 @@ class DriverProcess:
         return self.process.wait(60)
 
 
-def driver_process(tmp_path: pathlib.Path, *extra: str) -> DriverProcess:
+def driver_process(tmp_path: pathlib.Path, *extra: str, global_args: tuple[str, ...] = ()) -> DriverProcess:
     import sys
 
     socket = str(tmp_path / "csi" / "csi.sock")
     (tmp_path / "kubelet" / "pods").mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "csi_wasm", "serve", "--endpoint", f"unix://{socket}", "--node-id", "test-node",
+    args = [sys.executable, "-m", "csi_wasm", *global_args, "serve", "--endpoint", f"unix://{socket}", "--node-id", "test-node",
             "--driver-name", DRIVER_NAME, "--state-dir", str(tmp_path / "state"),
             "--kubelet-dir", str(tmp_path / "kubelet"), *extra]  # fmt: skip
     return DriverProcess(args, socket)

@@ -1,0 +1,190 @@
+"""Metrics (exact samples from the scrape endpoint), structured logs, health, and the dashboard."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import socket
+import urllib.request
+from dataclasses import replace
+from typing import Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from csi_wasm.config import NodeConfig, RegistryHostConfig
+from csi_wasm.demo.kubelet import InlineVolume, Kubelet
+from csi_wasm.demo.push import Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module, sha256_digest
+from csi_wasm.http import MetricsServer
+
+from conftest import PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ALLOWED_LABELS = {"result", "outcome", "kind", "le"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def observed(
+    tmp_path: pathlib.Path, registry: LocalRegistry, private_registry: LocalRegistry,
+    tls_files: tuple[pathlib.Path, pathlib.Path],
+) -> Iterator[tuple[RunningDriver, str]]:  # fmt: skip
+    down = f"127.0.0.1:{_closed_port()}"
+    node = NodeConfig(
+        registries={registry.host: RegistryHostConfig(insecure=True), down: RegistryHostConfig(insecure=True),
+                    private_registry.host: RegistryHostConfig(ca_bundle=str(tls_files[0]))},
+        pull=replace(fast_pull_config(), max_module_bytes=100_000, attempts=1),
+    )  # fmt: skip
+    running = start_driver(tmp_path, node)
+    server = MetricsServer("127.0.0.1", 0, running.driver.metrics.registry, running.driver.is_ready).start()
+    yield running, f"http://127.0.0.1:{server.port}"
+    server.stop()
+    stop_driver(running)
+
+
+def _scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _fail(running: RunningDriver, volume: InlineVolume) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as failure:
+        running.kubelet.mount(volume)
+    return failure.value.code()
+
+
+def test_publishes_of_every_outcome_are_counted_exactly(
+    observed: tuple[RunningDriver, str], pusher: Pusher, private_pusher: Pusher
+) -> None:
+    running, base = observed
+    good = pusher.wasm_artifact("metrics/good", "v1", make_module(4000, "metrics-good"))
+    not_wasm = pusher.wasm_artifact("metrics/notwasm", "v1", b"plain text, not a module" * 10)
+    huge = pusher.wasm_artifact("metrics/huge", "v1", make_module(200_000, "metrics-huge"))
+    private = private_pusher.wasm_artifact("metrics/private", "v1", make_module(3000, "metrics-private"))
+    down = next(h for h, c in running.config.node.registries.items() if c.insecure and h != pusher.host)
+
+    ok_a, ok_b = running.volume(good.reference), running.volume(good.reference)
+    running.kubelet.mount(ok_a)
+    running.kubelet.mount(ok_b)  # a cache hit: no second pull
+    cases = {
+        "invalid_argument": running.volume("NOT A REFERENCE"),
+        "not_found": running.volume(f"{pusher.host}/metrics/missing:v1"),
+        "unauthorized": running.inline({"image": private.reference}, {"username": "x", "password": "y"}),
+        "unavailable": running.volume(f"{down}/metrics/down:v1"),
+        "invalid_wasm": running.volume(not_wasm.reference),
+        "too_large": running.volume(huge.reference),
+        "digest_mismatch": running.volume(good.reference, moduleDigest=sha256_digest(b"something else")),
+    }
+    for volume in cases.values():
+        _fail(running, volume)
+    running.kubelet.unmount(ok_a)
+
+    samples = _scrape(base)
+    assert _value(samples, "csi_wasm_publish_total", result="success") == 2
+    for reason in cases:
+        assert _value(samples, "csi_wasm_publish_total", result=reason) == 1, reason
+    assert _value(samples, "csi_wasm_publish_duration_seconds_count") == 2 + len(cases)
+    assert _value(samples, "csi_wasm_unpublish_total", result="success") == 1
+    # pulls: one per trip to the registry (the digest-mismatch publish is a cache hit, then refused)
+    assert _value(samples, "csi_wasm_pulls_total", result="success") == 1
+    for reason in ("not_found", "unauthorized", "unavailable", "invalid_wasm", "too_large"):
+        assert _value(samples, "csi_wasm_pulls_total", result=reason) == 1, reason
+    assert _value(samples, "csi_wasm_pull_bytes_total") >= 4000 + 24 * 10
+    assert _value(samples, "csi_wasm_pull_duration_seconds_count") == 1  # completed downloads only
+    assert _value(samples, "csi_wasm_cache_lookups_total", outcome="hit") == 2
+    assert _value(samples, "csi_wasm_store_modules") == 1
+    assert _value(samples, "csi_wasm_store_bytes") == 4000
+    assert _value(samples, "csi_wasm_store_referenced_modules") == 1
+    assert _value(samples, "csi_wasm_store_unreferenced_modules") == 0
+    assert _value(samples, "csi_wasm_mounted_volumes") == 1
+    assert _value(samples, "csi_wasm_pulls_in_flight") == 0
+    assert _value(samples, "process_resident_memory_bytes") > 0
+    running.kubelet.unmount(ok_b)
+    assert _value(_scrape(base), "csi_wasm_store_unreferenced_modules") == 1
+
+
+def test_no_label_carries_an_image_digest_pod_or_volume(observed: tuple[RunningDriver, str], pusher: Pusher) -> None:
+    running, base = observed
+    volume = running.volume(pusher.wasm_artifact("metrics/labels", "v1", make_module(2000, "labels")).reference)
+    running.kubelet.mount(volume)
+    running.kubelet.unmount(volume)
+    for (name, labels), _ in _scrape(base).items():
+        if name.startswith("csi_wasm_"):
+            assert {key for key, _ in labels} <= ALLOWED_LABELS, (name, labels)
+            assert not any("sha256" in value or "/" in value for _, value in labels), (name, labels)
+
+
+def test_healthz_answers_once_ready(observed: tuple[RunningDriver, str]) -> None:
+    _, base = observed
+    response = urllib.request.urlopen(f"{base}/healthz", timeout=5)
+    assert response.status == 200 and response.read() == b"ok\n"
+
+
+def test_json_logs_carry_the_event_fields_and_never_secrets(
+    tmp_path: pathlib.Path, private_registry: LocalRegistry, private_pusher: Pusher,
+    tls_files: tuple[pathlib.Path, pathlib.Path],
+) -> None:  # fmt: skip
+    pushed = private_pusher.wasm_artifact("logs/private", "v1", make_module(3000, "logs"))
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({"registries": {private_registry.host: {"ca_bundle": str(tls_files[0])}}}))
+    driver = driver_process(tmp_path, "--config", str(config), "--metrics-address", "127.0.0.1:0",
+                            global_args=("--log-format", "json", "--log-level", "debug")).start()  # fmt: skip
+    kubelet = Kubelet(driver.socket, tmp_path / "kubelet")
+    secrets = {"username": PRIVATE_AUTH.username, "password": PRIVATE_AUTH.password}
+    volume = InlineVolume("pod-logs", "web-0", "shop", "wasm", {"image": pushed.reference}, secrets)
+    kubelet.mount(volume)
+    denied = InlineVolume("pod-denied", "web-1", "shop", "wasm", {"image": pushed.reference},
+                          {"username": "mallory", "password": "Guess-Secret-123"})  # fmt: skip
+    with pytest.raises(grpc.RpcError):
+        kubelet.mount(denied)
+    assert driver.process is not None and driver.process.stderr is not None
+    kubelet.unmount(volume)
+    kubelet.close()
+    assert driver.terminate() == 0
+    output = driver.process.stderr.read().decode()
+    lines = [json.loads(line) for line in output.splitlines()]  # every line is JSON
+    metrics_port = next(line["address"] for line in lines if line["event"] == "metrics")
+    assert re.match(r"127\.0\.0\.1:\d+$", metrics_port)
+    publish = [line for line in lines if line["event"] == "publish"]
+    assert {p["result"] for p in publish} == {"success", "unauthorized"}
+    ok = next(p for p in publish if p["result"] == "success")
+    assert ok["volume_id"] == volume.volume_id and ok["pod"] == "shop/web-0" and ok["image"] == pushed.reference
+    assert ok["digest"] == pushed.module_digest and ok["seconds"] >= 0 and ok["level"] == "info"
+    unpublish = next(line for line in lines if line["event"] == "unpublish")
+    assert unpublish["digest"] == pushed.module_digest and unpublish["pod"] == "shop/web-0"
+    assert any(line["event"] == "pull.done" and line["bytes"] == 3000 for line in lines)
+    for secret in (PRIVATE_AUTH.password, "Guess-Secret-123"):
+        assert secret not in output
+
+
+def test_the_dashboard_only_queries_metrics_the_driver_exports(observed: tuple[RunningDriver, str]) -> None:
+    _, base = observed
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "summary": ("", "_sum", "_count")}  # fmt: skip
+    exported = {f.name + suffix for f in text_string_to_metric_families(text) for suffix in suffixes.get(f.type, ("",))}
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(expressions) >= 5
+    for expression in expressions:
+        names = set(re.findall(r"\b((?:csi_wasm|process)_[a-z_]+)\b", expression))
+        assert names, expression
+        for name in names:
+            assert name in exported, f"{name} in {expression!r} is not exported"
