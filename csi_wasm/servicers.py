@@ -203,6 +203,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             seconds.observe(elapsed)
             event(log, operation, level, result=result, seconds=round(elapsed, 6), **fields)
 
+    # Staging, stats and expansion are not advertised in NodeGetCapabilities; a CO that calls them anyway
+    # gets UNIMPLEMENTED, as the CSI spec asks.
+
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeStageVolume: this plugin serves ephemeral volumes only")
+
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: this plugin serves ephemeral volumes only")
+
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeGetVolumeStats: not offered (GET_VOLUME_STATS unset)")
+
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeExpandVolume: Wasm volumes are read-only and fixed")
+
     def _check_ready(self) -> None:
         if not self._is_ready():
             raise NotReady("the driver is still recovering its state after a restart; retry shortly")

@@ -52,16 +52,17 @@ class LocalRegistry:
 
     def start(self, timeout: float = 10.0) -> LocalRegistry:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        http: dict[str, object] = {"addr": "127.0.0.1:0", "secret": "csi-wasm-demo"}
+        if self.tls:
+            http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         config: dict[str, object] = {
             "version": 0.1,
             "log": {"level": "info", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")}, "delete": {"enabled": True}},
-            "http": {"addr": "127.0.0.1:0", "secret": "csi-wasm-demo"},
+            "http": http,
         }
         if self.auth:
             config["auth"] = {"htpasswd": {"realm": "csi-wasm", "path": str(self._htpasswd())}}
-        if self.tls:
-            config["http"] = dict(config["http"], tls={"certificate": str(self.tls[0]), "key": str(self.tls[1])})  # type: ignore[arg-type]
         config_path = self.workdir / "config.yml"
         config_path.write_text(yaml.safe_dump(config))
         self._process = subprocess.Popen(
