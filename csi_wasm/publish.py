@@ -27,6 +27,7 @@ from csi_wasm.credentials import Credentials, Keychain, keychain_from_secrets
 from csi_wasm.errors import DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import Mounter
+from csi_wasm.policy import ImagePolicy
 from csi_wasm.pins import Pins
 from csi_wasm.pull import ModuleRequest, PullPolicy, Puller, ResolvedModule
 from csi_wasm.records import RecordStore, VolumeRecord
@@ -74,7 +75,13 @@ class VolumeSpec:
     file_name: str
 
     @classmethod
-    def parse(cls, context: Mapping[str, str], secrets: Mapping[str, str], node_keychain: Keychain) -> VolumeSpec:
+    def parse(
+        cls,
+        context: Mapping[str, str],
+        secrets: Mapping[str, str],
+        node_keychain: Keychain,
+        policy: ImagePolicy | None = None,
+    ) -> VolumeSpec:
         _check_sizes(context)
         unknown = sorted(k for k in context if k not in KNOWN_ATTRIBUTES and not k.startswith(K8S_PREFIX))
         if unknown:
@@ -85,6 +92,8 @@ class VolumeSpec:
         if not image:
             raise InvalidRequest("volume attribute 'image' is required (an OCI reference to a Wasm module)")
         ref = parse_reference(image)
+        if policy is not None:
+            policy.check(ref)  # the node's allowed_images, before the store or the network is touched
         module_digest = context.get(ATTR_MODULE_DIGEST) or None
         if module_digest is not None and not is_sha256_digest(module_digest):
             raise InvalidRequest(f"moduleDigest {module_digest[:80]!r}: expected sha256:<64 lowercase hex>")
@@ -130,6 +139,7 @@ class Publisher:
         self._mounter = mounter
         self._metrics = metrics
         self._keychain = node_keychain or Keychain()
+        self._policy = ImagePolicy(puller.node.allowed_images)
         self._clock = clock
         self._pins = pins
         self._busy: set[str] = set()
@@ -138,7 +148,7 @@ class Publisher:
     # -- publish -----------------------------------------------------------
 
     def publish(self, request: PublishRequest, deadline: float | None = None) -> Published:
-        spec = VolumeSpec.parse(request.volume_context, request.secrets, self._keychain)
+        spec = VolumeSpec.parse(request.volume_context, request.secrets, self._keychain, self._policy)
         target = self.resolve_target(request.target_path, request.volume_context.get(POD_UID))
         with self._claim(target):
             existing = self._records.get(str(target))

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from csi_wasm.config import PullConfig
+from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import (
     AccessDenied,
@@ -41,6 +41,7 @@ from csi_wasm.metrics import Metrics
 from csi_wasm.pins import Pins
 from csi_wasm.reference import Reference
 from csi_wasm.registry import FetchedManifest, RegistryClient
+from csi_wasm.signatures import SignatureVerifier
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
 
 log = logging.getLogger("csi_wasm.pull")
@@ -110,6 +111,9 @@ class Puller:
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
         self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
+        # the allow-list and signature requirements live in the node config the client carries
+        self.node: NodeConfig = getattr(client, "node", None) or NodeConfig()
+        self._signatures = SignatureVerifier(client, self.node)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, config.max_concurrent_downloads), thread_name_prefix="download"
         )
@@ -180,6 +184,10 @@ class Puller:
             return None
         if entry.needs_auth:
             self._authorize(request, entry)
+        if not self._signatures.is_verified(ref, entry.manifest_digest):
+            if request.policy is not PullPolicy.NEVER:
+                return None  # resolve and verify through the registry; a stored module is not downloaded again
+            self._signatures.verify(ref, entry.manifest_digest, request.credentials)
         return ResolvedModule(entry.module_digest, entry.size, entry.manifest_digest, entry.layout, True)
 
     def _cached_tag(self, ref: Reference, fresh_only: bool) -> str | None:
@@ -234,10 +242,12 @@ class Puller:
 
     def _pull(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule:
         ref, creds = request.ref, request.credentials
-        manifest = self._client.fetch_manifest(ref, creds)
+        manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
+        self._signatures.verify(ref, manifest.digest, creds, deadline)  # before any blob is downloaded
         if is_index(manifest.media_type, manifest.body):
             child = select_from_index(str(ref), manifest.body)
-            manifest = _merge_auth(self._client.fetch_manifest(ref, creds, key=child), manifest)
+            manifest = _merge_auth(self._client.fetch_manifest(ref, creds, key=child, deadline=deadline), manifest)
+            self._signatures.vouch(ref, manifest.digest)
         if ref.digest is None:
             self._remember_tag(ref, manifest.digest)
         if manifest.used_credentials:
@@ -293,7 +303,7 @@ class Puller:
         self._metrics.pulls_in_flight.inc()
         event(log, "pull.start", image=str(ref), layer=layer.digest, layout=layer.layout, bytes=layer.size)
         try:
-            with self._client.open_blob(ref, layer.digest, creds) as blob:
+            with self._client.open_blob(ref, layer.digest, creds, layer.size) as blob:
                 counted = _counting(iter(blob), self._metrics)
                 if layer.packaging == "raw":
                     stored = self._store_raw(ref, layer, counted)

@@ -288,7 +288,7 @@ class RegistryClient:
         """Seconds to wait before attempt ``number + 1``: Retry-After (capped), else jittered exponential."""
         if retry_after is not None:
             return float(min(max(retry_after, 0.0), MAX_RETRY_AFTER_SECONDS))
-        base = min(BACKOFF_BASE_SECONDS * 2 ** (number - 1), BACKOFF_CAP_SECONDS)
+        base = min(BACKOFF_BASE_SECONDS * 2.0 ** (number - 1), BACKOFF_CAP_SECONDS)
         return base * (0.5 + random.random())
 
     def _timeouts(self, deadline: float | None) -> tuple[float, float]:
@@ -558,7 +558,7 @@ def parse_retry_after(value: str, now: float) -> float | None:
     if not value:
         return None
     if value.isdigit():
-        return float(min(int(value[:9]), 10**9))
+        return float(int(value)) if len(value) < 10 else 1e9
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

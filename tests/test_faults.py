@@ -1,0 +1,308 @@
+"""Registry faults, injected by a proxy of our own in front of the real registry.
+
+For each fault: the right gRPC code within kubelet's contract, nothing stored,
+nothing mounted, the right number of attempts (retries only for transient
+failures), and the next publish succeeds once the registry is healthy. Also: a
+download outlives the call that started it, and kubelet's retry joins it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import grpc
+import pytest
+
+import faultproxy as fp
+from conftest import RunningDriver, start_driver, stop_driver, wait_for
+from csi_wasm.config import NodeConfig, PullConfig
+from csi_wasm.demo.push import Pushed, Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module
+from csi_wasm.errors import RegistryError
+from csi_wasm.reference import parse_reference
+from csi_wasm.registry import (
+    MAX_RETRY_AFTER_SECONDS,
+    RegistryClient,
+    _Transient,
+    parse_retry_after,
+)
+
+MODULE = make_module(64 * 1024, "faults")
+UNAVAILABLE, FAILED_PRECONDITION = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
+KUBELET_DEADLINE_SECONDS = 120.0
+ERROR_WITHIN_SECONDS = 30.0  # "well inside kubelet's 2 minutes"
+
+
+def fault_pull_config() -> PullConfig:
+    return PullConfig(connect_timeout_seconds=1.0, read_timeout_seconds=2.0, attempts=3,
+                      download_timeout_seconds=60.0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    name: str
+    where: str  # "manifest", "blob" or "all" (connection refused)
+    fault: fp.Fault | None  # None: the proxy stops listening
+    expected: grpc.StatusCode
+    attempts: int | None  # requests the proxy must see for ``where``: retries only for transient faults
+    call_timeout: float = 20.0  # kubelet sends 120 s; shorter here so deadline cases stay quick
+    download_outlives_call: bool = False
+
+
+FAULT_CASES = [
+    FaultCase("connection refused", "all", None, UNAVAILABLE, None),
+    FaultCase("reset mid-body (manifest)", "manifest", fp.reset_after(100), UNAVAILABLE, 3),
+    FaultCase("reset mid-body (blob)", "blob", fp.reset_after(20_000), UNAVAILABLE, 1),
+    FaultCase("HTTP 500 (manifest)", "manifest", fp.status(500), UNAVAILABLE, 3),
+    FaultCase("HTTP 502 (blob)", "blob", fp.status(502), UNAVAILABLE, 3),
+    FaultCase("HTTP 503 (manifest)", "manifest", fp.status(503), UNAVAILABLE, 3),
+    FaultCase("HTTP 429, Retry-After: 1 (manifest)", "manifest", fp.status(429, {"Retry-After": "1"}),
+              UNAVAILABLE, 3),  # fmt: skip
+    FaultCase("truncated body (manifest)", "manifest", fp.truncate_after(100), UNAVAILABLE, 3),
+    FaultCase("truncated body (blob)", "blob", fp.truncate_after(20_000), UNAVAILABLE, 1),
+    FaultCase("wrong bytes (manifest)", "manifest", fp.corrupt, FAILED_PRECONDITION, 1),
+    FaultCase("wrong bytes (blob)", "blob", fp.corrupt, FAILED_PRECONDITION, 1),
+    FaultCase("stalled headers (manifest)", "manifest", fp.stall_headers(), UNAVAILABLE, 1),
+    FaultCase("stalled body (blob)", "blob", fp.stall_body(), UNAVAILABLE, 1),
+    FaultCase("slow drip under the read timeout (manifest)", "manifest", fp.drip(120.0, pieces=400),
+              UNAVAILABLE, 1, call_timeout=4.0),  # fmt: skip
+    FaultCase("slow drip under the read timeout (blob)", "blob", fp.drip(120.0, pieces=400), UNAVAILABLE, 1,
+              call_timeout=4.0, download_outlives_call=True),  # fmt: skip
+    FaultCase("redirect loop (manifest)", "manifest", fp.redirect_loop, UNAVAILABLE, 6),
+    FaultCase("oversized manifest (5 MiB)", "manifest", fp.oversized(5 * 1024 * 1024), FAILED_PRECONDITION, 1),
+    FaultCase("endless chunked body (manifest)", "manifest", fp.endless_chunked(), FAILED_PRECONDITION, 1),
+    FaultCase("endless chunked body (blob)", "blob", fp.endless_chunked(), FAILED_PRECONDITION, 1),
+]
+
+
+def request_pattern(pushed: Pushed, where: str) -> str:
+    repo = pushed.reference.split("/", 1)[1].rsplit(":", 1)[0]
+    return {"manifest": rf"^GET /v2/{repo}/manifests/", "blob": rf"^GET /v2/{repo}/blobs/{pushed.layer_digest}",
+            "all": r"^GET "}[where]  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    code: grpc.StatusCode | None
+    seconds: float
+    detail: str
+
+
+def inject_and_publish(case: FaultCase, proxy: fp.FaultProxy, csi: RunningDriver, pushed: Pushed) -> Outcome:
+    """Inject ``case``, publish once through the proxy; return the code and the time to error."""
+    proxy.arm()
+    if case.fault is None:
+        proxy.refuse()
+    else:
+        proxy.add(request_pattern(pushed, case.where), case.fault)
+    image = pushed.reference.replace(pushed.reference.split("/", 1)[0], proxy.host, 1)
+    volume = csi.volume(image)
+    started = time.monotonic()
+    try:
+        csi.kubelet.mount(volume, timeout=case.call_timeout)
+    except grpc.RpcError as exc:
+        return Outcome(exc.code(), time.monotonic() - started, exc.details() or "")
+    return Outcome(None, time.monotonic() - started, "")
+
+
+def heal(case: FaultCase, proxy: fp.FaultProxy) -> None:
+    if case.fault is None:
+        proxy.accept()
+    proxy.clear()
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pushed(pusher: Pusher) -> Pushed:
+    return pusher.wasm_artifact("faults/raw", "v1", MODULE)
+
+
+@pytest.fixture
+def proxy(registry: LocalRegistry) -> Iterator[fp.FaultProxy]:
+    with fp.FaultProxy(registry.host) as running:
+        yield running
+
+
+def _start(tmp_path: pathlib.Path, proxy: fp.FaultProxy, **pull: object) -> RunningDriver:
+    node = NodeConfig(pull=replace(fault_pull_config(), **pull)).with_insecure([proxy.host])  # type: ignore[arg-type]
+    return start_driver(tmp_path, node)
+
+
+@pytest.fixture
+def fault_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
+    running = _start(tmp_path, proxy)
+    yield running
+    stop_driver(running)
+
+
+def _proxied(pushed: Pushed, proxy: fp.FaultProxy) -> str:
+    return pushed.reference.replace(pushed.reference.split("/", 1)[0], proxy.host, 1)
+
+
+# -- the fault table -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", FAULT_CASES, ids=[c.name for c in FAULT_CASES])
+def test_fault(case: FaultCase, proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed) -> None:
+    outcome = inject_and_publish(case, proxy, fault_csi, pushed)
+    assert outcome.code == case.expected, outcome.detail
+    assert outcome.seconds < min(ERROR_WITHIN_SECONDS, case.call_timeout), outcome
+    assert outcome.code != grpc.StatusCode.INTERNAL
+    store = fault_csi.driver.store
+    assert fault_csi.mounts_under_kubelet() == []
+    assert not fault_csi.kubelet.target_path(fault_csi.volumes[-1]).exists()
+    assert fault_csi.driver.records.all() == []
+    if case.attempts is not None:
+        assert proxy.count(request_pattern(pushed, case.where)) == case.attempts, proxy.seen()
+    if not case.download_outlives_call:
+        assert store.modules() == []
+        assert wait_for(lambda: not any(store.tmp_dir.iterdir())), "a partial download was left in the store"
+    heal(case, proxy)
+    volume = fault_csi.volume(_proxied(pushed, proxy))
+    assert (fault_csi.kubelet.mount(volume, timeout=30) / "plugin.wasm").read_bytes() == MODULE
+    fault_csi.kubelet.unmount(volume)
+    assert fault_csi.mounts_under_kubelet() == []
+
+
+def test_retries_back_off_and_honour_retry_after(
+    proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed
+) -> None:
+    proxy.add(request_pattern(pushed, "manifest"), fp.status(429, {"Retry-After": "1"}), times=2)
+    volume = fault_csi.volume(_proxied(pushed, proxy))
+    assert (fault_csi.kubelet.mount(volume, timeout=30) / "plugin.wasm").read_bytes() == MODULE
+    asks = proxy.seen(request_pattern(pushed, "manifest"))
+    assert len(asks) == 3
+    gaps = [b.at - a.at for a, b in zip(asks, asks[1:])]
+    assert all(gap >= 0.95 for gap in gaps), gaps  # the registry asked for a second; it got it
+    fault_csi.kubelet.unmount(volume)
+
+
+def test_a_transient_blip_is_retried_and_succeeds(
+    proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed
+) -> None:
+    proxy.add(request_pattern(pushed, "blob"), fp.status(503), times=1)
+    proxy.add(request_pattern(pushed, "manifest"), fp.reset_after(50), times=1)
+    volume = fault_csi.volume(_proxied(pushed, proxy))
+    assert (fault_csi.kubelet.mount(volume, timeout=30) / "plugin.wasm").read_bytes() == MODULE
+    assert proxy.count(request_pattern(pushed, "blob")) == 2
+    assert proxy.count(request_pattern(pushed, "manifest")) == 2
+    fault_csi.kubelet.unmount(volume)
+
+
+def test_a_retry_after_longer_than_the_deadline_fails_at_once(
+    proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed
+) -> None:
+    proxy.add(request_pattern(pushed, "manifest"), fp.status(503, {"Retry-After": "3600"}))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failure:
+        fault_csi.kubelet.mount(fault_csi.volume(_proxied(pushed, proxy)), timeout=5)
+    assert failure.value.code() == UNAVAILABLE and "deadline" in (failure.value.details() or "")
+    assert time.monotonic() - started < 5
+    assert proxy.count(request_pattern(pushed, "manifest")) == 1  # did not sleep into the deadline
+
+
+# -- issue 3: a download outlives the call that started it ------------------------
+
+
+def test_a_download_outlives_the_call_and_the_retry_joins_it(
+    proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed, registry: LocalRegistry, tmp_path: pathlib.Path
+) -> None:
+    module = make_module(96 * 1024, "outlives")
+    slow = Pusher(registry.host).wasm_artifact("faults/outlives", "v1", module)
+    blob = request_pattern(slow, "blob")
+    proxy.add(blob, fp.drip(6.0, pieces=60))  # 6 s in all; never 2 s without a byte
+    volume = fault_csi.volume(_proxied(slow, proxy))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failure:
+        fault_csi.kubelet.mount(volume, timeout=2.5)  # kubelet's deadline ends mid-download
+    assert failure.value.code() in (UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert time.monotonic() - started < 6.0  # the call did not wait for the download
+    assert fault_csi.mounts_under_kubelet() == [] and not fault_csi.kubelet.target_path(volume).exists()
+    assert any(fault_csi.driver.store.tmp_dir.iterdir()), "the download should still be running"
+    target = fault_csi.kubelet.mount(volume, timeout=30)  # kubelet's retry, same volume
+    assert (target / "plugin.wasm").read_bytes() == module
+    assert proxy.count(blob) == 1
+    assert wait_for(lambda: registry.blob_gets("faults/outlives", slow.layer_digest) == 1)
+    time.sleep(0.2)
+    assert registry.blob_gets("faults/outlives", slow.layer_digest) == 1
+    fault_csi.kubelet.unmount(volume)
+
+
+# -- retry arithmetic, driven directly ---------------------------------------------
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    random.seed(1234)
+    for number in range(1, 8):
+        base = min(0.2 * 2 ** (number - 1), 2.0)
+        samples = [RegistryClient.backoff(number) for _ in range(200)]
+        assert all(0.5 * base <= s <= 1.5 * base for s in samples)
+        assert len({round(s, 6) for s in samples}) > 150  # jitter: no two clients retry in lockstep
+    assert RegistryClient.backoff(1, retry_after=3600) == MAX_RETRY_AFTER_SECONDS
+    assert RegistryClient.backoff(1, retry_after=0.5) == 0.5
+
+
+def test_retries_are_bounded_and_stop_at_the_deadline() -> None:
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    client = RegistryClient(NodeConfig(pull=PullConfig(attempts=4)), clock=lambda: now[0], sleep=sleep)
+    calls = []
+
+    def flaky() -> None:
+        calls.append(now[0])
+        raise _Transient("HTTP 503")
+
+    with pytest.raises(RegistryError):
+        client._with_retries(flaky)
+    assert len(calls) == 4 and len(sleeps) == 3
+    calls.clear()
+    sleeps.clear()
+    with pytest.raises(RegistryError, match="deadline"):
+        client._with_retries(lambda: (_ for _ in ()).throw(_Transient("429", retry_after=8.0)), deadline=5.0)
+    assert sleeps == []  # sleeping 8 s would pass the deadline: give up at once
+    non_transient = []
+
+    def not_found() -> None:
+        non_transient.append(1)
+        raise RegistryError("HTTP 400")
+
+    with pytest.raises(RegistryError):
+        client._with_retries(not_found)
+    assert non_transient == [1]  # a non-transient failure is never retried
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [("", None), ("3", 3.0), ("  12 ", 12.0), ("soon", None), ("-1", None), ("99999999999999", 1e9),
+     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)  # fmt: skip
+def test_retry_after_parsing(header: str, expected: float | None) -> None:
+    assert parse_retry_after(header, time.time()) == expected
+
+
+def test_retry_after_as_a_date_in_the_future() -> None:
+    import email.utils
+
+    now = time.time()
+    assert 9 <= parse_retry_after(email.utils.formatdate(now + 10, usegmt=True), now)  <= 11  # type: ignore[operator]
+
+
+def test_a_manifest_call_never_outlives_its_deadline(proxy: fp.FaultProxy, pushed: Pushed) -> None:
+    proxy.add(request_pattern(pushed, "manifest"), fp.drip(60.0, pieces=600))
+    client = RegistryClient(NodeConfig(pull=fault_pull_config()).with_insecure([proxy.host]))
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="deadline|timed out"):
+        client.fetch_manifest(parse_reference(_proxied(pushed, proxy)), None, deadline=time.monotonic() + 1.5)
+    assert time.monotonic() - started < 3.0
