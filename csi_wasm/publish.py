@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Mapping
 from csi_wasm.credentials import Credentials, Keychain, keychain_from_secrets
 from csi_wasm.errors import DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
 from csi_wasm.metrics import Metrics
-from csi_wasm.mounts import Mounter
+from csi_wasm.mounts import REQUIRED_OPTIONS, Mounter
 from csi_wasm.policy import ImagePolicy
 from csi_wasm.pins import Pins
 from csi_wasm.pull import ModuleRequest, PullPolicy, Puller, ResolvedModule
@@ -166,6 +166,13 @@ class Publisher:
         self, target: pathlib.Path, existing: VolumeRecord | None, module: ResolvedModule, spec: VolumeSpec
     ) -> bool:
         mounted = self._mounter.mount_at(target)
+        if mounted is not None and not REQUIRED_OPTIONS <= mounted.options and self._store.view_of(mounted.root, target):
+            # A crash between the bind and the read-only remount left a writable bind of our view
+            # (recovery may even have adopted it): never report that as published. Redo it.
+            self._mounter.unmount(target)
+            if existing is not None:
+                self._records.delete(str(target))
+            return False
         if existing is None and mounted is None:
             return False
         if existing is not None and mounted is None:
