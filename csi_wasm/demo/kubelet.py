@@ -81,6 +81,7 @@ class Kubelet:
         self.channel = grpc.insecure_channel(f"unix://{endpoint}")
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self._mounter = LinuxMounter()
 
     def close(self) -> None:
         self.channel.close()
@@ -161,13 +162,13 @@ class Kubelet:
         if target.exists():
             # kubelet would remove it itself, but the CSI spec makes it the driver's job
             raise AssertionError(f"driver left {target} behind after NodeUnpublishVolume")
-        self._remove_mount_dir(target)
+        self._remove_mount_dir(target, checked=True)
 
     def delete_pod(self, pod_uid: str) -> None:
         """What kubelet's orphaned-pod clean-up does: refuse while a mount or volume directory remains."""
         pod_dir = self.kubelet_dir / "pods" / pod_uid
         # os.path.ismount misses same-filesystem bind mounts: ask the mount table
-        leftover = [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{pod_dir}/")]
+        leftover = [m.mount_point for m in self._mounter.mounts() if m.mount_point.startswith(f"{pod_dir}/")]
         if leftover:
             raise AssertionError(f"pod directory still has mounts at deletion: {leftover}")
         volume_dirs = sorted(str(path) for path in pod_dir.glob("volumes/*/*"))
@@ -175,10 +176,10 @@ class Kubelet:
             raise AssertionError(f"orphaned pod {pod_uid}: volume paths are still present on disk: {volume_dirs}")
         shutil.rmtree(pod_dir, ignore_errors=True)
 
-    def _remove_mount_dir(self, target: pathlib.Path) -> None:
+    def _remove_mount_dir(self, target: pathlib.Path, checked: bool = False) -> None:
         """kubelet's removeMountDir: the target (unless mounted), then vol_data.json, then the volume dir
         with rmdir, which fails if anything else was left in it."""
-        if self._is_mounted(target):
+        if not checked and self._is_mounted(target):
             return
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(target)
@@ -187,9 +188,8 @@ class Kubelet:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(target.parent)
 
-    @staticmethod
-    def _is_mounted(target: pathlib.Path) -> bool:
-        return LinuxMounter().mount_at(target) is not None
+    def _is_mounted(self, target: pathlib.Path) -> bool:
+        return self._mounter.mount_at(target) is not None
 
 
 class NodeDriverRegistrar:
