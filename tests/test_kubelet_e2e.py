@@ -342,7 +342,8 @@ def test_pod_lifecycle_create_container_restart_delete(
     with urllib.request.urlopen(node.driver.metrics_url("/healthz"), timeout=5) as response:
         assert response.status == 200
     with urllib.request.urlopen(node.driver.metrics_url("/metrics"), timeout=5) as response:
-        assert 'csi_wasm_publish_total{result="success"} 2.0' in response.read().decode()
+        metrics = response.read().decode()
+    assert re.search(r'^csi_wasm_publish_total\{[^}]*result="success"[^}]*\} 2\.0$', metrics, re.M), metrics[:2000]
 
     answers, failures = prober.stop()
     assert failures == 0 and answers > 0, f"Probe failed {failures} times while the pod was running"
