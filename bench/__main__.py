@@ -22,6 +22,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="scratch directory for the registry and driver state (default: a new temp dir)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (driver log, state)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--driver", default=None, metavar="COMMAND",
+                        help="how to launch the driver (default: python -m csi_wasm); 'serve ...' is appended")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="exit 1 if any target fails")
     return parser.parse_args(argv)
 

@@ -28,8 +28,9 @@ CALL_TIMEOUT = 120.0  # kubelet's per-call timeout
 class DriverProcess:
     """``csi-wasm serve`` in a subprocess, with its state and kubelet directories under ``workdir``."""
 
-    def __init__(self, workdir: pathlib.Path, registry_host: str) -> None:
+    def __init__(self, workdir: pathlib.Path, registry_host: str, launcher: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.launcher = launcher or [sys.executable, "-m", "csi_wasm"]
         self.registry_host = registry_host
         self.socket_path = workdir / "csi" / "csi.sock"
         self.state_dir = workdir / "state"
@@ -45,7 +46,7 @@ class DriverProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "csi_wasm", "serve",
+            *self.launcher, "serve",
             "--endpoint", f"unix://{self.socket_path}",
             "--node-id", "bench",
             "--state-dir", str(self.state_dir),

@@ -16,9 +16,9 @@ class Plan:
     warm_batch: int = 20
     # cold publish: module size (MiB) -> repetitions; each repetition pushes a fresh module
     cold_reps: dict[int, int] = field(default_factory=lambda: {1: 15, 16: 8, 64: 5})
-    # burst: concurrent publishes of one cold module of this size
+    # burst: concurrent publishes of one cold module, for each of these sizes (MiB)
     burst_calls: int = 64
-    burst_mib: int = 16
+    burst_mib: tuple[int, ...] = (1, 16, 64)
     # scale: volumes spread over modules of this size, then publish/unpublish cycles at that count
     scale_volumes: int = 1000
     scale_modules: int = 10

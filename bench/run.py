@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,9 @@ def machine() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csi_wasm"], capture_output=True, text=True).stdout
+    if commit and dirty.strip():
+        commit += "+uncommitted"  # the driver measured is the working tree, not the commit
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -66,6 +70,7 @@ def _unmount_all_under(root: pathlib.Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
+    launcher = shlex.split(args.driver) if args.driver else None
     for binary in ("curl", "docker-registry"):
         if shutil.which(binary) is None:
             print(f"python -m bench: {binary} not found (apt-get install -y curl docker-registry)", file=sys.stderr)
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bench = scenarios.Bench(plan, workdir, registry, Pusher(registry.host))
         # node A: a small node (floors, warm, cold, burst)
-        node_a = DriverProcess(workdir / "node-a", registry.host)
+        node_a = DriverProcess(workdir / "node-a", registry.host, launcher)
         drivers.append(node_a)
         results["startup_empty_s"] = _phase("start driver", node_a.start)
         client = Client(node_a)
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         client.close()
         node_a.stop()
         # node B: a fresh store, then many volumes
-        node_b = DriverProcess(workdir / "node-b", registry.host)
+        node_b = DriverProcess(workdir / "node-b", registry.host, launcher)
         drivers.append(node_b)
         node_b.start()
         client = Client(node_b)

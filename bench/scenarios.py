@@ -139,11 +139,11 @@ class OrasPull:
         self.outdir = outdir
 
     def __call__(self, pushed: Pushed, size: int) -> float:
+        outdir = self.outdir / pushed.layer_digest.removeprefix("sha256:")
         started = time.perf_counter()
-        files = self.registry.pull(target=pushed.reference, outdir=str(self.outdir))
+        files = self.registry.pull(target=pushed.reference, outdir=str(outdir))
         elapsed = time.perf_counter() - started
         got = sum(os.path.getsize(f) for f in files)
-        shutil.rmtree(self.outdir, ignore_errors=True)
         if got != size:
             raise AssertionError(f"oras pulled {got} bytes, expected {size}")
         return elapsed
@@ -151,21 +151,26 @@ class OrasPull:
 
 def curl(url: str, out: pathlib.Path, size: int) -> tuple[float, float]:
     """(wall seconds around the curl process, curl's own time_total)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     done = subprocess.run(
         ["curl", "-sS", "--fail", "-o", str(out), "-w", "%{time_total}", url], capture_output=True, text=True, check=True
     )
     elapsed = time.perf_counter() - started
     got = out.stat().st_size
-    out.unlink()
     if got != size:
         raise AssertionError(f"curl downloaded {got} bytes, expected {size}")
     return elapsed, float(done.stdout.strip())
 
 
 def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
-    """Per size: curl, oras and the driver each fetch the same fresh blob; order rotates per repetition."""
-    oras_pull = OrasPull(bench.registry.host, bench.workdir / "oras-out")
+    """Per size: curl, oras and the driver each fetch the same fresh blob; order rotates per repetition.
+
+    Like the driver's store, what curl and oras download is kept until the size is done, so each of
+    the three writes into fresh page cache (none reuses pages the previous repetition freed).
+    """
+    downloads = bench.workdir / "downloads"
+    oras_pull = OrasPull(bench.registry.host, downloads / "oras")
     results: dict[str, Any] = {}
     for mib, reps in bench.plan.cold_reps.items():
         size = mib * MiB
@@ -179,7 +184,8 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
             volumes.append(volume)
 
             def run_curl() -> None:
-                wall, own = curl(bench.blob_url(repo, pushed.layer_digest), bench.workdir / "curl.out", size)
+                out = downloads / "curl" / pushed.layer_digest.removeprefix("sha256:")
+                wall, own = curl(bench.blob_url(repo, pushed.layer_digest), out, size)
                 series["curl"].append(wall)
                 series["curl_time_total"].append(own)
 
@@ -198,6 +204,7 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
             driver_gets.append(bench.wait_for_blob_gets(repo, pushed.layer_digest, 3) - 2)
         for volume in volumes:
             client.unpublish(volume)
+        shutil.rmtree(downloads, ignore_errors=True)
         results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets}
     return results
 
@@ -206,19 +213,29 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
 
 
 def burst(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
-    """``burst_calls`` concurrent publishes (distinct pods) of one module not yet on the node."""
-    plan = bench.plan
-    size = plan.burst_mib * MiB
-    pushed = bench.push("bench/burst", "v1", size)
+    """For each size: ``burst_calls`` concurrent publishes (distinct pods) of one module not yet on the node."""
+    return {str(mib): burst_one(bench, driver, client, mib * MiB) for mib in bench.plan.burst_mib}
+
+
+def _stamp(slots: list[float], index: int) -> Callable[[object], None]:
+    def done(_call: object) -> None:
+        slots[index] = time.perf_counter()
+
+    return done
+
+
+def burst_one(bench: Bench, driver: DriverProcess, client: Client, size: int) -> dict[str, Any]:
+    calls_wanted = bench.plan.burst_calls
+    pushed = bench.push(f"bench/burst-{size // MiB}m", "v1", size)
     repo = repo_of(pushed)
-    volumes = [client.volume(pushed.reference) for _ in range(plan.burst_calls)]
+    volumes = [client.volume(pushed.reference) for _ in range(calls_wanted)]
     requests = [client.publish_request(volume) for volume in volumes]
     rss_before = driver.reset_peak()
     finished: list[float] = [0.0] * len(requests)
     started = time.perf_counter()
     calls = [client.kubelet.node.NodePublishVolume.future(request, timeout=CALL_TIMEOUT) for request in requests]
     for index, call in enumerate(calls):
-        call.add_done_callback(lambda _call, i=index: finished.__setitem__(i, time.perf_counter()))
+        call.add_done_callback(_stamp(finished, index))
     failures = [str(call.exception()) for call in calls if call.exception() is not None]  # waits for each
     while not all(finished):  # a done-callback may lag its future by a moment
         time.sleep(0.001)
@@ -230,7 +247,7 @@ def burst(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]
     for volume in volumes:
         client.unpublish(volume)
     return {
-        "calls": plan.burst_calls,
+        "calls": calls_wanted,
         "bytes": size,
         "wall_s": wall,
         "latencies_s": [t - started for t in finished],
