@@ -12,7 +12,7 @@ import threading
 from typing import Sequence
 
 from csi_wasm import __version__
-from csi_wasm.config import ConfigError, DriverConfig, NodeConfig, describe, load_node_config
+from csi_wasm.config import ConfigError, DriverConfig, NodeConfig, check_files, describe, load_node_config
 from csi_wasm.logs import configure, event
 
 log = logging.getLogger("csi_wasm.cli")
@@ -68,6 +68,7 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
     config = load_node_config(args.config) if args.config else NodeConfig()
+    check_files(config)
     return config.with_insecure(args.insecure_registry)
 
 

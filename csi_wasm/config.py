@@ -231,6 +231,26 @@ def _str_list(raw: Any, where: str) -> list[str]:
     return raw
 
 
+def check_files(config: NodeConfig) -> None:
+    """Fail at start, naming the key, when a file the node config points at cannot be read.
+
+    Otherwise a missing CA bundle or key would surface only at the first publish, as an error
+    the pod's owner cannot act on.
+    """
+    named = [("docker_config", config.docker_config)]
+    for host, registry in config.registries.items():
+        named += [(f"registries.{host}.ca_bundle", registry.ca_bundle),
+                  (f"registries.{host}.cosign_public_key", registry.cosign_public_key)]  # fmt: skip
+    for key, path in named:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
 def describe(config: NodeConfig) -> str:
     """A loggable one-line summary (the config holds no secrets, only file names)."""
     return json.dumps(
