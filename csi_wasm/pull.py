@@ -347,11 +347,18 @@ class Puller:
         for member in archive:
             if posixpath.basename(member.name.rstrip("/")) != MODULE_IN_TAR:
                 continue
+            # names are never used as paths here, but a crafted one says the layer is hostile
+            if member.name.startswith("/") or ".." in member.name.split("/"):
+                raise UnsupportedLayout(
+                    f"image {ref}: compat layer entry {member.name[:100]!r} is absolute or climbs out with '..'"
+                )
             if not member.isreg():
-                raise UnsupportedLayout(f"image {ref}: {member.name} in the compat layer is not a regular file")
+                raise UnsupportedLayout(
+                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file"
+                )
             if member.size > self._config.max_module_bytes:
                 raise TooLarge(
-                    f"image {ref}: {member.name} is {member.size} bytes, over the node's limit of "
+                    f"image {ref}: {member.name[:100]!r} is {member.size} bytes, over the node's limit of "
                     f"{self._config.max_module_bytes}"
                 )
             source = archive.extractfile(member)

@@ -6,6 +6,7 @@ not a well-formed reference is refused before the driver touches the network.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -17,12 +18,14 @@ MAX_NAME_LENGTH = 255
 MAX_REFERENCE_LENGTH = 1024
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# Every pattern is used with fullmatch and re.ASCII: "$" would accept a trailing newline
+# and "\w" would accept any Unicode letter, and both would reach URLs and file names.
 _DOMAIN = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?$"
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::([0-9]{{1,5}}))?", re.ASCII
 )
-_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", re.ASCII)
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class Reference:
 
 
 def is_sha256_digest(value: str) -> bool:
-    return bool(_DIGEST.match(value))
+    return bool(_DIGEST.fullmatch(value))
 
 
 def parse_reference(text: str) -> Reference:
@@ -82,7 +85,7 @@ def _split_digest(text: str) -> tuple[str, str | None]:
     if "@" not in text:
         return text, None
     remainder, digest = text.split("@", 1)
-    if not _DIGEST.match(digest):
+    if not _DIGEST.fullmatch(digest):
         raise InvalidRequest(
             f"image {text!r}: digest must be sha256: followed by 64 lowercase hex characters"
         )
@@ -95,16 +98,29 @@ def _split_tag(text: str) -> tuple[str, str | None]:
     if colon <= slash:
         return text, None
     tag = text[colon + 1 :]
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise InvalidRequest(f"image {text!r}: invalid tag {tag!r}")
     return text[:colon], tag
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_registry(text: str, original: str) -> tuple[str, str]:
     first, sep, rest = text.partition("/")
     looks_like_domain = bool(sep) and ("." in first or ":" in first or first == "localhost" or first != first.lower())
     if looks_like_domain:
-        if not _DOMAIN.match(first):
+        domain = _DOMAIN.fullmatch(first)
+        if (
+            not domain
+            or (domain.group(1) is not None and not 0 < int(domain.group(1)) <= 65535)
+            or (first.startswith("[") and not _is_ipv6(first[1 : first.index("]")]))
+        ):
             raise InvalidRequest(f"image {original!r}: invalid registry host {first!r}")
         registry, path = first, rest
     else:
@@ -112,7 +128,7 @@ def _split_registry(text: str, original: str) -> tuple[str, str]:
         if "/" not in path:
             path = f"library/{path}"
     components = path.split("/")
-    bad = [c for c in components if not _PATH_COMPONENT.match(c)]
+    bad = [c for c in components if not _PATH_COMPONENT.fullmatch(c)]
     if bad:
         raise InvalidRequest(
             f"image {original!r}: invalid repository path component {bad[0]!r} "
