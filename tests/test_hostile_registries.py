@@ -1,0 +1,328 @@
+"""Hostile registries: SSRF through token realms and redirects, downgrades, credential leaks, and the
+node's allow-list of images.
+
+A socket guard (autouse) refuses and records any connection this test process tries
+to make to an address outside loopback: a failing test here can never reach a
+metadata service or a private network, and "refused before connecting" is asserted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import socket
+from typing import Iterator
+
+import grpc
+import pytest
+
+import faultproxy as fp
+from conftest import PRIVATE_AUTH, RunningDriver, fast_pull_config, start_driver, stop_driver
+from csi_wasm.config import ConfigError, NodeConfig, RegistryHostConfig, parse_node_config
+from csi_wasm.demo.push import Pushed, Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module
+from csi_wasm.errors import AccessDenied
+from csi_wasm.policy import ImagePolicy, validate_pattern
+from csi_wasm.reference import parse_reference
+from csi_wasm.registry import forbidden_reason, refuse_forbidden_host
+
+MODULE = make_module(8 * 1024, "hostile-registry")
+CREDS = {"username": PRIVATE_AUTH.username, "password": PRIVATE_AUTH.password}
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.fixture(autouse=True)
+def dialled(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    attempts: list[object] = []
+    connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = ipaddress.ip_address(str(address[0]).split("%")[0])  # type: ignore[index]
+            if not host.is_loopback:
+                attempts.append(address)
+                raise ConnectionRefusedError(f"test guard: {host} is not loopback")
+        connect(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+@pytest.fixture(scope="module")
+def pushed(pusher: Pusher) -> Pushed:
+    return pusher.wasm_artifact("hostile/registry", "v1", MODULE)
+
+
+@pytest.fixture
+def proxy(registry: LocalRegistry) -> Iterator[fp.FaultProxy]:
+    with fp.FaultProxy(registry.host) as running:
+        yield running
+
+
+@pytest.fixture
+def proxied_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
+    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
+    yield running
+    stop_driver(running)
+
+
+def _image(pushed: Pushed, host: str) -> str:
+    return f"{host}/{pushed.reference.split('/', 1)[1]}"
+
+
+def _code(csi: RunningDriver, image: str, secrets: dict[str, str] | None = None) -> tuple[grpc.StatusCode | None, str]:
+    volume = csi.inline({"image": image}, secrets)
+    try:
+        csi.kubelet.mount(volume, timeout=20)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    csi.kubelet.unmount(volume)
+    return None, ""
+
+
+def _nothing_left(csi: RunningDriver) -> None:
+    assert csi.mounts_under_kubelet() == []
+    assert csi.driver.store.modules() == []
+    assert not any(csi.driver.store.tmp_dir.iterdir())
+
+
+# -- SSRF: token realms and redirects ------------------------------------------------------
+
+FORBIDDEN_REALMS = [
+    "https://169.254.169.254/latest/api/token",  # cloud metadata (link-local)
+    "https://100.100.100.200/token",  # Alibaba metadata
+    "https://[fd00:ec2::254]/token",  # AWS IPv6 metadata
+    "https://[::ffff:169.254.169.254]/token",  # the same, IPv4-mapped
+    "https://[fe80::1]/token",
+    "https://10.0.0.1/token",  # private ranges the registry (on loopback) is not in
+    "https://172.16.5.4/token",
+    "https://192.168.1.1/token",
+    "https://100.64.0.1/token",
+    "https://[fc00::1]/token",
+]
+
+
+@pytest.mark.parametrize("realm", FORBIDDEN_REALMS)
+def test_a_token_realm_on_a_forbidden_address_is_refused_before_connecting(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, realm: str, dialled: list[object]
+) -> None:
+    challenge = f'Bearer realm="{realm}",service="evil",scope="repository:hostile/registry:pull"'
+    proxy.add(r"^GET /v2/", fp.status(401, {"WWW-Authenticate": challenge}))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+    assert code == DENIED, detail
+    assert "token realm" in detail and "refused" in detail
+    assert dialled == []
+    _nothing_left(proxied_csi)
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/v2/x",
+                                    "http://[::ffff:a9fe:a9fe]/", "http://192.168.0.1:5000/blob"])  # fmt: skip
+@pytest.mark.parametrize("where", ["manifests", "blobs"])
+def test_a_redirect_to_a_forbidden_address_is_refused_before_connecting(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, target: str, where: str, dialled: list[object]
+) -> None:
+    proxy.add(rf"^GET /v2/hostile/registry/{where}/", fp.redirect_to(target))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host))
+    assert code == DENIED, detail
+    assert "redirect" in detail
+    assert dialled == []
+    _nothing_left(proxied_csi)
+
+
+def test_the_registry_itself_on_a_metadata_address_is_refused(
+    proxied_csi: RunningDriver, dialled: list[object]
+) -> None:
+    for image in ("169.254.169.254/latest/meta-data:v1", "[fd00:ec2::254]/x:v1", "100.100.100.200/x:v1"):
+        code, detail = _code(proxied_csi, image)
+        assert code == DENIED, detail
+    assert dialled == []
+
+
+@pytest.mark.parametrize(
+    "destination, origin, allowed, refused",
+    [("169.254.169.254", None, (), True), ("169.254.169.254", "169.254.1.1", ("169.254.0.0/16",), True),
+     ("10.1.2.3", None, (), False),  # a pod may name an in-cluster registry
+     ("10.1.2.3", "203.0.113.7", (), True),  # a public registry may not point the node at its network
+     ("10.1.2.3", "10.9.9.9", (), False),  # a registry in 10/8 may use a token server in 10/8
+     ("10.1.2.3", "203.0.113.7", ("10.1.0.0/16",), False),  # unless the admin allows the block
+     ("127.0.0.1", "127.0.0.1", (), False), ("127.0.0.1", "203.0.113.7", (), True),
+     ("0.0.0.0", "203.0.113.7", (), True), ("::1", "2001:db8::1", (), True),
+     ("203.0.113.9", "127.0.0.1", (), False), ("::ffff:10.0.0.1", "203.0.113.7", (), True)],
+)  # fmt: skip
+def test_the_ssrf_rule(destination: str, origin: str | None, allowed: tuple[str, ...], refused: bool) -> None:
+    from csi_wasm.registry import resolve
+
+    reason = forbidden_reason(
+        resolve(destination), resolve(origin) if origin else None, [ipaddress.ip_network(n) for n in allowed]
+    )
+    assert (reason is not None) is refused, reason
+
+
+def test_refuse_forbidden_host_names_the_reason() -> None:
+    with pytest.raises(AccessDenied, match="link-local/metadata"):
+        refuse_forbidden_host("169.254.169.254", "token realm", origin="127.0.0.1")
+    with pytest.raises(AccessDenied, match="private block 192.168.0.0/16"):
+        refuse_forbidden_host("192.168.3.3", "redirect", origin="127.0.0.1")
+    refuse_forbidden_host("127.0.0.2", "redirect", origin="127.0.0.1")  # same block: fine
+
+
+def test_allowed_private_networks_are_validated() -> None:
+    assert parse_node_config({"allowed_private_networks": ["10.0.0.0/8"]}).allowed_private_networks == ("10.0.0.0/8",)
+    for bad in (["169.254.0.0/16"], ["fe80::/64"], ["10.0.0.0/33"], "10.0.0.0/8", [7]):
+        with pytest.raises(ConfigError):
+            parse_node_config({"allowed_private_networks": bad})
+
+
+# -- downgrades and credential leaks -----------------------------------------------------------
+
+
+@pytest.fixture
+def tls_proxies(
+    private_registry: LocalRegistry, registry: LocalRegistry, tls_files: tuple[pathlib.Path, pathlib.Path]
+) -> Iterator[tuple[fp.FaultProxy, fp.FaultProxy, fp.FaultProxy]]:
+    """(A) https in front of the private registry; (B) https on another port in front of the public one,
+    standing in for a blob CDN; (C) plain http in front of the public one."""
+    cert, key = str(tls_files[0]), str(tls_files[1])
+    a = fp.FaultProxy(private_registry.host, "https", upstream_ca=cert, tls=(cert, key)).start()
+    b = fp.FaultProxy(registry.host, tls=(cert, key)).start()
+    c = fp.FaultProxy(registry.host).start()
+    yield a, b, c
+    for proxy in (a, b, c):
+        proxy.stop()
+
+
+@pytest.fixture
+def private_pushed(private_pusher: Pusher, pusher: Pusher) -> Pushed:
+    pusher.wasm_artifact("hostile/private", "v1", MODULE)  # the same blob on the public registry (the "CDN")
+    return private_pusher.wasm_artifact("hostile/private", "v1", MODULE)
+
+
+@pytest.fixture
+def tls_csi(
+    tmp_path: pathlib.Path, tls_proxies: tuple[fp.FaultProxy, ...], tls_files: tuple[pathlib.Path, pathlib.Path]
+) -> Iterator[RunningDriver]:
+    registries = {p.host: RegistryHostConfig(ca_bundle=str(tls_files[0])) for p in tls_proxies[:2]}
+    running = start_driver(tmp_path, NodeConfig(registries=registries, pull=fast_pull_config()))
+    yield running
+    stop_driver(running)
+
+
+def test_https_is_never_downgraded_to_http_by_a_redirect(
+    tls_proxies: tuple[fp.FaultProxy, ...], tls_csi: RunningDriver, private_pushed: Pushed
+) -> None:
+    a, _, plain = tls_proxies
+    a.add(r"^GET /v2/hostile/private/blobs/", fp.redirect_to(lambda s: f"http://{plain.host}{s.path}"))
+    code, detail = _code(tls_csi, _image(private_pushed, a.host), CREDS)
+    assert code == DENIED and "https to http" in detail
+    assert plain.count() == 0
+    _nothing_left(tls_csi)
+
+
+def test_credentials_are_not_sent_to_the_host_a_blob_redirects_to(
+    tls_proxies: tuple[fp.FaultProxy, ...], tls_csi: RunningDriver, private_pushed: Pushed
+) -> None:
+    a, cdn, _ = tls_proxies
+    a.add(r"^GET /v2/hostile/private/blobs/", fp.redirect_to(lambda s: f"https://{cdn.host}{s.path}"))
+    code, detail = _code(tls_csi, _image(private_pushed, a.host), CREDS)
+    assert code is None, detail  # the module came from the "CDN"
+    assert cdn.count(r"/blobs/") == 1
+    assert all("Authorization" not in s.headers for s in cdn.seen())
+    assert any(s.headers.get("Authorization", "").startswith("Basic ") for s in a.seen(r"/manifests/"))
+
+
+def test_a_redirected_host_that_asks_for_credentials_gets_none(
+    tls_proxies: tuple[fp.FaultProxy, ...], tls_csi: RunningDriver, private_pushed: Pushed
+) -> None:
+    a, cdn, _ = tls_proxies
+    a.add(r"^GET /v2/hostile/private/blobs/", fp.redirect_to(lambda s: f"https://{cdn.host}{s.path}"))
+    challenge = f'Bearer realm="https://{cdn.host}/token",service="phish"'
+    cdn.add(r"/blobs/", fp.status(401, {"WWW-Authenticate": challenge}))
+    code, detail = _code(tls_csi, _image(private_pushed, a.host), CREDS)
+    assert code == DENIED and "only sent to the registry itself" in detail
+    assert cdn.count("/token") == 0
+    assert all("Authorization" not in s.headers for s in cdn.seen())
+    _nothing_left(tls_csi)
+
+
+def test_a_plain_http_token_realm_on_another_host_is_refused(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, registry: LocalRegistry
+) -> None:
+    with fp.FaultProxy(registry.host) as token_server:
+        realm = f"http://localhost:{token_server.port}/token"  # another host name, plain http
+        proxy.add(r"^GET /v2/", fp.status(401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="s"'}))
+        code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+        assert code == DENIED and "plain http" in detail
+        assert token_server.count() == 0
+
+
+def test_an_https_registry_may_not_send_the_password_to_a_plain_http_realm(
+    tls_proxies: tuple[fp.FaultProxy, ...], tls_csi: RunningDriver, private_pushed: Pushed
+) -> None:
+    a, _, plain = tls_proxies
+    realm = f"http://127.0.0.1:{plain.port}/token"  # same host name, but a downgrade
+    a.add(r"^GET /v2/", fp.status(401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="s"'}))
+    code, detail = _code(tls_csi, _image(private_pushed, a.host), CREDS)
+    assert code == DENIED
+    assert plain.count() == 0
+
+
+# -- the node's allow-list ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def allow_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
+    node = NodeConfig(pull=fast_pull_config(), allowed_images=(f"{proxy.host}/hostile/*", f"{proxy.host}/team/**"))
+    running = start_driver(tmp_path, node.with_insecure([proxy.host]))
+    yield running
+    stop_driver(running)
+
+
+def test_a_denied_image_is_refused_before_any_network_call(
+    proxy: fp.FaultProxy, allow_csi: RunningDriver, pushed: Pushed, pusher: Pusher
+) -> None:
+    deep = pusher.wasm_artifact("hostile/deep/er", "v1", make_module(4096, "deep"))
+    for image in (_image(deep, proxy.host), f"{proxy.host}/other/x:v1", "registry.example/hostile/registry:v1",
+                  f"{proxy.host.replace('127.0.0.1', 'localhost')}/hostile/registry:v1"):  # fmt: skip
+        code, detail = _code(allow_csi, image)
+        assert code == DENIED and "allowed_images" in detail, image
+    assert proxy.count() == 0
+    assert _code(allow_csi, _image(pushed, proxy.host)) == (None, "")  # hostile/* allows one level
+    assert proxy.count() > 0
+
+
+def test_a_denied_image_is_refused_even_when_its_module_is_stored(
+    proxy: fp.FaultProxy, allow_csi: RunningDriver, pushed: Pushed, pusher: Pusher
+) -> None:
+    assert _code(allow_csi, _image(pushed, proxy.host)) == (None, "")
+    pusher.wasm_artifact("denied/same", "v1", MODULE)  # the same module under a name the node refuses
+    seen = proxy.count()
+    code, _ = _code(allow_csi, f"{proxy.host}/denied/same:v1")
+    assert code == DENIED and proxy.count() == seen
+
+
+@pytest.mark.parametrize(
+    "pattern, image, allowed",
+    [("registry.example/filters/*", "registry.example/filters/rate", True),
+     ("registry.example/filters/*", "registry.example/filters/a/b", False),
+     ("registry.example/filters/**", "registry.example/filters/a/b", True),
+     ("registry.example/filters/*", "registry.example/filtersx/a", False),
+     ("registry.example/*", "registry.example:5000/a", False),
+     ("*.corp.example/**", "r1.corp.example/a/b", True),
+     ("*.corp.example/**", "corp.example/a", False),
+     ("*.corp.example/**", "evil.example/r1.corp.example/a", False),
+     ("REGISTRY.example/a", "registry.example/a", True),
+     ("docker.io/library/*", "nginx", True),
+     ("registry.example/a-*", "registry.example/a-b", True),
+     ("registry.example/a", "registry.example/a@sha256:" + "0" * 64, True)],
+)  # fmt: skip
+def test_allow_list_patterns(pattern: str, image: str, allowed: bool) -> None:
+    assert ImagePolicy([pattern]).allows(parse_reference(image)) is allowed
+    assert ImagePolicy([]).allows(parse_reference(image))
+
+
+@pytest.mark.parametrize("pattern", ["", "nginx", "/a", "a/", "a b/c", "r.example/***", "r.example/a\n", "x" * 600])
+def test_bad_allow_list_patterns_are_configuration_errors(pattern: str) -> None:
+    assert validate_pattern(pattern)
+    with pytest.raises(ConfigError):
+        parse_node_config({"allowed_images": [pattern]})
