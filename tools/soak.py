@@ -257,10 +257,12 @@ class CrashResult:
     retry_failures: list[str] = field(default_factory=list)
 
 
-def crash_loop(base: pathlib.Path, iterations: int, registry: LocalRegistry) -> list[CrashResult]:
+def crash_loop(
+    base: pathlib.Path, iterations: int, registry: LocalRegistry, phases: tuple[str, ...] = PHASES
+) -> list[CrashResult]:
     pusher = Pusher(registry.host)
     results = []
-    for phase in PHASES:
+    for phase in phases:
         result = CrashResult(phase)
         workdir = base / f"crash-{phase}"
         workdir.mkdir(parents=True)
