@@ -15,7 +15,7 @@ class Plan:
     warm_rounds: int = 30
     warm_batch: int = 20
     # cold publish: module size (MiB) -> repetitions; each repetition pushes a fresh module
-    cold_reps: dict[int, int] = field(default_factory=lambda: {1: 15, 16: 8, 64: 5})
+    cold_reps: dict[int, int] = field(default_factory=lambda: {1: 20, 16: 10, 64: 9})
     # burst: concurrent publishes of one cold module, for each of these sizes (MiB)
     burst_calls: int = 64
     burst_mib: tuple[int, ...] = (1, 16, 64)

@@ -5,8 +5,8 @@
     python -m bench.profile burst  [--mib 16 --calls 3]
     python -m bench.profile scale  [--volumes 1000 --calls 300]
 
-py-spy samples every thread of the driver (``--idle`` too: a thread blocked in
-fsync or in a socket read is time a call waits for). The raw stacks go to
+py-spy samples every thread of the driver, waiting ones too (a thread blocked in
+fsync or in a socket read is time a call waits for); ``--cpu`` keeps on-CPU samples only. The raw stacks go to
 ``<out>/<workload>.txt`` (collapsed format, for flamegraph tools) and a summary of
 where the request threads spent their samples is printed.
 """
@@ -41,6 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/profile"))
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--cpu", action="store_true", help="on-CPU samples only (default: waits count too)")
     parser.add_argument("--driver", default=None, metavar="COMMAND",
                         help="how to launch the driver (default: python -m csi_wasm); 'serve ...' is appended")
     return parser.parse_args(argv)
@@ -128,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for call in calls:
                         call.result()
 
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(driver.pid), "--rate", str(args.rate), "--idle",
-                                "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL,
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(driver.pid), "--rate", str(args.rate),
+                                *([] if args.cpu else ["--idle"]), "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(1.0)  # py-spy attaches
         started = time.perf_counter()

@@ -16,10 +16,11 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from csi_wasm import mounts
+from csi_wasm._gen import csi_pb2
 from csi_wasm.demo.kubelet import InlineVolume
 from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
@@ -37,12 +38,15 @@ class Bench:
     workdir: pathlib.Path
     registry: LocalRegistry
     pusher: Pusher
-    run_id: str = uuid.uuid4().hex[:8]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    sizes: dict[str, int] = field(default_factory=dict)  # layer digest -> bytes, of what was pushed
 
     def push(self, repo: str, tag: str, size: int) -> Pushed:
         """A fresh module (content unique to this run, repo and tag) as a CNCF Wasm artifact."""
         module = make_module(size, seed=f"{self.run_id}/{repo}:{tag}")
-        return self.pusher.wasm_artifact(repo, tag, module)
+        pushed = self.pusher.wasm_artifact(repo, tag, module)
+        self.sizes[pushed.layer_digest] = size
+        return pushed
 
     def blob_url(self, repo: str, digest: str) -> str:
         return f"http://{self.registry.host}/v2/{repo}/blobs/{digest}"
@@ -213,8 +217,28 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
 
 
 def burst(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
-    """For each size: ``burst_calls`` concurrent publishes (distinct pods) of one module not yet on the node."""
-    return {str(mib): burst_one(bench, driver, client, mib * MiB) for mib in bench.plan.burst_mib}
+    """``burst_calls`` concurrent publishes (distinct pods) of one module not yet on the node, per size.
+
+    Two floors are measured alongside: the same number of concurrent Probes (the gRPC floor of a
+    burst), and the same number of concurrent publishes of a module already in the store.
+    """
+    calls = bench.plan.burst_calls
+    probes = [client.kubelet.identity.Probe.future(csi_pb2.ProbeRequest(), timeout=CALL_TIMEOUT) for _ in range(calls)]
+    for probe in probes:  # warm-up round
+        probe.result()
+    started = time.perf_counter()
+    probes = [client.kubelet.identity.Probe.future(csi_pb2.ProbeRequest(), timeout=CALL_TIMEOUT) for _ in range(calls)]
+    for probe in probes:
+        probe.result()
+    probe_wall = time.perf_counter() - started
+    warm = bench.push("bench/burst-warm", "v1", 1 * MiB)
+    first = client.volume(warm.reference)
+    client.publish(first)  # now in the store
+    client.unpublish(first)
+    results: dict[str, Any] = {"probe_wall_s": probe_wall, "warm": burst_one(bench, driver, client, warm)}
+    for mib in bench.plan.burst_mib:
+        results[str(mib)] = burst_one(bench, driver, client, bench.push(f"bench/burst-{mib}m", "v1", mib * MiB))
+    return results
 
 
 def _stamp(slots: list[float], index: int) -> Callable[[object], None]:
@@ -224,10 +248,10 @@ def _stamp(slots: list[float], index: int) -> Callable[[object], None]:
     return done
 
 
-def burst_one(bench: Bench, driver: DriverProcess, client: Client, size: int) -> dict[str, Any]:
+def burst_one(bench: Bench, driver: DriverProcess, client: Client, pushed: Pushed) -> dict[str, Any]:
     calls_wanted = bench.plan.burst_calls
-    pushed = bench.push(f"bench/burst-{size // MiB}m", "v1", size)
     repo = repo_of(pushed)
+    gets_before = bench.registry.blob_gets(repo, pushed.layer_digest)
     volumes = [client.volume(pushed.reference) for _ in range(calls_wanted)]
     requests = [client.publish_request(volume) for volume in volumes]
     rss_before = driver.reset_peak()
@@ -241,14 +265,14 @@ def burst_one(bench: Bench, driver: DriverProcess, client: Client, size: int) ->
         time.sleep(0.001)
     wall = max(finished) - started
     rss_growth = driver.status_kib("VmHWM") - rss_before
-    gets = bench.wait_for_blob_gets(repo, pushed.layer_digest, 1)
+    gets = bench.wait_for_blob_gets(repo, pushed.layer_digest, gets_before + 1) - gets_before
     manifest_gets = bench.registry.requests_matching(rf"method=GET .*uri=\"?/v2/{repo}/manifests/")
     inodes = {os.stat(client.kubelet.target_path(v) / "plugin.wasm").st_ino for v in volumes} if not failures else set()
     for volume in volumes:
         client.unpublish(volume)
     return {
         "calls": calls_wanted,
-        "bytes": size,
+        "bytes": bench.sizes[pushed.layer_digest],
         "wall_s": wall,
         "latencies_s": [t - started for t in finished],
         "failures": failures,
