@@ -45,6 +45,9 @@ class PullConfig:
     max_module_bytes: int = 256 * MiB
     tag_cache_seconds: float = 300.0
     max_concurrent_downloads: int = 4
+    # How long one publish waits for a download before answering UNAVAILABLE (the download goes on
+    # and kubelet's retry joins it): keeps every answer well inside kubelet's 2-minute call timeout.
+    max_wait_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -282,12 +282,16 @@ class Puller:
                 flight.add_done_callback(lambda _f, key=layer.digest: self._land(key))
             else:
                 self._metrics.pull_joins.inc()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # a publish waits for the download until its deadline, but never longer than max_wait_seconds:
+        # a registry that drips bytes just under the read timeout gets an answer well inside kubelet's 2 min
+        timeout = (
+            None if deadline is None else max(0.0, min(deadline - time.monotonic(), self._config.max_wait_seconds))
+        )
         try:
             return flight.result(timeout=timeout)
         except concurrent.futures.TimeoutError as exc:
             raise RegistryTimeout(
-                f"image {ref}: download still running when this call's deadline ended; "
+                f"image {ref}: download still running when this call's wait ended; "
                 "it continues and kubelet's retry will use it"
             ) from exc
 

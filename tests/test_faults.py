@@ -329,3 +329,19 @@ def test_kill_9_mid_publish_leaves_a_clean_store_and_a_retry_that_works(
         # leaves a read-write bind that recovery adopts until the retry redoes it: docs/reliability.md.)
         assert results[phase].violations == [], (phase, results[phase].violations)
         assert results[phase].absent_after_restart + results[phase].published_after_restart == 1
+
+
+def test_a_publish_never_waits_longer_than_max_wait_for_a_download(
+    proxy: fp.FaultProxy, tmp_path: pathlib.Path, pushed: Pushed
+) -> None:
+    proxy.add(request_pattern(pushed, "blob"), fp.drip(60.0, pieces=300))
+    running = _start(tmp_path, proxy, max_wait_seconds=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failure:
+            running.kubelet.mount(running.volume(_proxied(pushed, proxy)), timeout=30)  # kubelet would wait 120 s
+        assert failure.value.code() == UNAVAILABLE and "continues" in (failure.value.details() or "")
+        assert time.monotonic() - started < 5.0
+    finally:
+        proxy.clear()
+        stop_driver(running)

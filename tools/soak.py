@@ -450,6 +450,7 @@ def soak(base: pathlib.Path, minutes: float, clients: int, fault_rate: float) ->
         "fds_end": round(statistics.median(s[2] for s in last)),
         "fds_max": max(s[2] for s in samples),
         "proxy_requests": proxy.count(), "driver_exit_code": code,
+        "samples_t_rss_kib_fds": samples,
     }  # fmt: skip
 
 
