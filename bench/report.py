@@ -59,6 +59,10 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
             "driver_over_curl_of_medians": median(s["driver"]) / median(s["curl"]),
             "driver_over_curl_time_total": median(s["driver"]) / median(s["curl_time_total"]),
             "driver_over_oras": median(s["driver"]) / median(s["oras"]),
+            "sha256": summary_ms(s["sha256"]),
+            "fsync": summary_ms(s["fsync"]),
+            # a download that also verifies and persists, done one step after another
+            "serial_floor_over_curl": median([(c + h + y) / c for c, h, y in zip(s["curl"], s["sha256"], s["fsync"])]),
             "driver_mib_per_s": cold["bytes"] / 2**20 / median(s["driver"]),
             "curl_mib_per_s": cold["bytes"] / 2**20 / median(s["curl_time_total"]),
             "oras_mib_per_s": cold["bytes"] / 2**20 / median(s["oras"]),
@@ -209,6 +213,9 @@ def figure_rows(f: dict[str, Any]) -> list[list[str]]:
                 f"{c['driver_mib_per_s']:.0f} MiB/s; {c['driver_over_curl']:.2f}x curl, {c['driver_over_oras']:.2f}x oras"),
             row(f"  curl {mib} MiB (wall)", c["curl"], f"time_total p50 {c['curl_time_total']['p50']:.1f} ms"),
             row(f"  oras pull {mib} MiB", c["oras"], f"{c['oras_mib_per_s']:.0f} MiB/s"),
+            row(f"  sha256 of those {mib} MiB (page cache)", c["sha256"]),
+            row(f"  fsync of those {mib} MiB (all dirty)", c["fsync"],
+                f"curl + sha256 + fsync = {c['serial_floor_over_curl']:.2f}x curl"),
         ]  # fmt: skip
     s = f["scale"]
     b = f["burst"]

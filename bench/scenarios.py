@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
 import pathlib
@@ -167,6 +168,27 @@ def curl(url: str, out: pathlib.Path, size: int) -> tuple[float, float]:
     return elapsed, float(done.stdout.strip())
 
 
+def sha256_seconds(path: pathlib.Path) -> float:
+    """Time to sha256 a file just downloaded (in the page cache), 256 KiB at a time like the driver."""
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(256 * 1024):
+            digest.update(chunk)
+    return time.perf_counter() - started
+
+
+def fsync_seconds(path: pathlib.Path) -> float:
+    """Time to fsync a file just downloaded (all of it still dirty in the page cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        os.fsync(fd)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
 def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
     """Per size: curl, oras and the driver each fetch the same fresh blob; order rotates per repetition.
 
@@ -178,7 +200,9 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mib, reps in bench.plan.cold_reps.items():
         size = mib * MiB
-        series: dict[str, list[float]] = {"driver": [], "curl": [], "curl_time_total": [], "oras": [], "rss_growth_kib": []}
+        series: dict[str, list[float]] = {
+            "driver": [], "curl": [], "curl_time_total": [], "sha256": [], "fsync": [], "oras": [], "rss_growth_kib": [],
+        }  # fmt: skip
         driver_gets: list[int] = []
         volumes: list[InlineVolume] = []
         for rep in range(reps):
@@ -192,6 +216,9 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
                 wall, own = curl(bench.blob_url(repo, pushed.layer_digest), out, size)
                 series["curl"].append(wall)
                 series["curl_time_total"].append(own)
+                # what curl leaves out: verifying the bytes, and making them durable
+                series["sha256"].append(sha256_seconds(out))
+                series["fsync"].append(fsync_seconds(out))
 
             def run_oras() -> None:
                 series["oras"].append(oras_pull(pushed, size))
