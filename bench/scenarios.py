@@ -30,8 +30,6 @@ from csi_wasm.demo.wasm_modules import make_module
 from bench.driver import CALL_TIMEOUT, Client, DriverProcess
 from bench.plan import MiB, Plan
 
-log = logging.getLogger("bench")
-
 
 @dataclass
 class Bench:
