@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import functools
 import hashlib
 import io
 import logging
@@ -279,7 +280,7 @@ class Puller:
             if flight is None:
                 flight = self._pool.submit(self._run_download, ref, layer, creds)
                 self._flights[layer.digest] = flight
-                flight.add_done_callback(lambda _f, key=layer.digest: self._land(key))
+                flight.add_done_callback(functools.partial(self._land, layer.digest))
             else:
                 self._metrics.pull_joins.inc()
         # a publish waits for the download until its deadline, but never longer than max_wait_seconds:
@@ -295,7 +296,7 @@ class Puller:
                 "it continues and kubelet's retry will use it"
             ) from exc
 
-    def _land(self, key: str) -> None:
+    def _land(self, key: str, _flight: object = None) -> None:
         with self._lock:
             self._flights.pop(key, None)
 
@@ -336,7 +337,7 @@ class Puller:
         reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
         with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=reader, mode="r|") as archive:
                     self._extract_module(ref, archive, ingest.write)
             except (tarfile.TarError, EOFError, zlib.error) as exc:
                 raise UnsupportedLayout(f"image {ref}: the compat layer is not a valid tar+gzip: {exc}") from exc
