@@ -277,12 +277,16 @@ class Puller:
             )
         with self._lock:
             flight = self._flights.get(layer.digest)
+            started = flight is None
             if flight is None:
                 flight = self._pool.submit(self._run_download, ref, layer, creds)
                 self._flights[layer.digest] = flight
-                flight.add_done_callback(functools.partial(self._land, layer.digest))
             else:
                 self._metrics.pull_joins.inc()
+        if started:
+            # outside the lock: a download that already finished (a fast failure) runs the callback
+            # right here, and _land takes the lock (it deadlocked under load: found by test_faults)
+            flight.add_done_callback(functools.partial(self._land, layer.digest))
         # a publish waits for the download until its deadline, but never longer than max_wait_seconds:
         # a registry that drips bytes just under the read timeout gets an answer well inside kubelet's 2 min
         timeout = (
@@ -296,9 +300,10 @@ class Puller:
                 "it continues and kubelet's retry will use it"
             ) from exc
 
-    def _land(self, key: str, _flight: object = None) -> None:
+    def _land(self, key: str, flight: object = None) -> None:
         with self._lock:
-            self._flights.pop(key, None)
+            if flight is None or self._flights.get(key) is flight:
+                self._flights.pop(key, None)
 
     def _layer_cap(self, layer: ModuleLayer) -> int:
         return self._config.max_module_bytes * (INFLATE_FACTOR if layer.packaging == "tar+gzip" else 1)

@@ -345,3 +345,54 @@ def test_a_publish_never_waits_longer_than_max_wait_for_a_download(
     finally:
         proxy.clear()
         stop_driver(running)
+
+
+def test_a_download_that_fails_at_once_does_not_deadlock_the_puller(tmp_path: pathlib.Path) -> None:
+    """A download that ends before its done-callback is attached runs the callback inline (under load,
+    an endless body refused on its first chunk did): the callback must not need a lock the caller holds."""
+    import concurrent.futures
+    import contextlib
+    import threading
+
+    from csi_wasm.layouts import ModuleLayer
+    from csi_wasm.metrics import Metrics
+    from csi_wasm.pull import Puller
+    from csi_wasm.store import ModuleStore
+
+    class Immediate:  # the worst schedule: the download finishes inside submit()
+        def submit(self, fn: Callable[..., object], *args: object) -> concurrent.futures.Future[object]:
+            future: concurrent.futures.Future[object] = concurrent.futures.Future()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the future, as an executor does
+                future.set_exception(exc)
+            return future
+
+        def shutdown(self, **_: object) -> None:
+            pass
+
+    class RefusingClient:
+        node = NodeConfig()
+
+        @contextlib.contextmanager
+        def open_blob(self, *args: object, **kwargs: object) -> Iterator[object]:
+            raise RegistryError("refused at once")
+            yield  # pragma: no cover
+
+    puller = Puller(ModuleStore(tmp_path / "store"), RefusingClient(), PullConfig(), Metrics(process=False))  # type: ignore[arg-type]
+    puller._pool = Immediate()  # type: ignore[assignment]
+    layer = ModuleLayer("sha256:" + "1" * 64, 10, "application/wasm", "cncf-wasm-artifact", "raw")
+    outcome: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            puller._download(parse_reference("registry.example/a:v1"), layer, None, time.monotonic() + 5)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "the puller deadlocked on its own lock"
+    assert len(outcome) == 1 and isinstance(outcome[0], RegistryError)
+    assert puller._flights == {}  # the failed flight is gone: the next publish starts afresh
