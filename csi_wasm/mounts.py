@@ -28,6 +28,7 @@ MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 CLONE_NEWNS = 0x00020000
 READ_ONLY_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+ST_READ_ONLY = os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC  # the same, as statvfs reports them
 REQUIRED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "noexec"})
 MOUNTINFO = pathlib.Path("/proc/self/mountinfo")
 
@@ -62,13 +63,18 @@ class LinuxMounter:
         self._mountinfo = mountinfo
 
     def bind_read_only(self, source: pathlib.Path, target: pathlib.Path) -> None:
-        """Bind ``source`` at ``target``, then make it ro,nosuid,nodev,noexec; undo on any failure."""
+        """Bind ``source`` at ``target``, then make it ro,nosuid,nodev,noexec; undo on any failure.
+
+        The result is verified, not assumed: ``target`` must now show ``source``'s inode through a
+        mount whose flags are read-only, nosuid, nodev and noexec. (``os.path.ismount`` cannot tell,
+        a same-filesystem bind keeps st_dev; the mount table can, but reading it costs O(mounts),
+        so it is kept for the idempotency check of a repeated publish and for recovery.)
+        """
         self._mount(bytes(source), bytes(target), MS_BIND, "bind")
         try:
             self._mount(None, bytes(target), MS_REMOUNT | MS_BIND | READ_ONLY_FLAGS, "read-only remount")
-            entry = self.mount_at(target)
-            if entry is None or not REQUIRED_OPTIONS <= entry.options:
-                raise MountError(f"mount at {target} is missing from the mount table or not read-only after remount")
+            if not shows_read_only(source, target):
+                raise MountError(f"mount at {target} does not show {source} read-only after remount")
         except BaseException:
             self._umount(bytes(target), MNT_DETACH)
             raise
@@ -84,6 +90,8 @@ class LinuxMounter:
                 raise
 
     def mount_at(self, target: pathlib.Path) -> MountEntry | None:
+        if not os.path.lexists(target):
+            return None  # nothing can be mounted on a path that does not exist: skip the table
         wanted = _escape(str(target))
         found = None
         with open(self._mountinfo, "rb") as handle:
@@ -111,6 +119,17 @@ class LinuxMounter:
             raise MountError(f"unmount of {target.decode()} failed: {os.strerror(err)}") from OSError(
                 err, os.strerror(err)
             )
+
+
+def shows_read_only(source: pathlib.Path, target: pathlib.Path) -> bool:
+    """True if ``target`` shows ``source`` (same inode) through a ro,nosuid,nodev,noexec mount.
+
+    Two stat calls instead of reading the whole mount table, which costs O(mounts) per call
+    (2.5 ms at 1,000 mounts). statvfs reports the flags of the mount the path is on.
+    """
+    ours, there = os.stat(source), os.lstat(target)
+    flags = os.statvfs(target).f_flag
+    return (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino) and flags & ST_READ_ONLY == ST_READ_ONLY
 
 
 def enter_private_mount_namespace() -> None:

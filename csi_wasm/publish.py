@@ -225,11 +225,14 @@ class Publisher:
             record = self._records.get(str(target))
             if record is not None and record.volume_id not in (volume_id, ""):
                 raise InvalidRequest(f"target {target} belongs to volume {record.volume_id}, not {volume_id}")
-            mounted = self._mounter.mount_at(target)
-            if mounted is not None:
-                if record is None and self._store.view_of(mounted.root, target) is None:
-                    raise InvalidRequest(f"target {target} is a mount this driver did not make; refusing to unmount")
-                self._mounter.unmount(target)
+            if record is not None and self._store.shows_view(target, record.module_digest, record.file_name):
+                self._mounter.unmount(target)  # its record's view is on top: ours, without reading the mount table
+            else:
+                mounted = self._mounter.mount_at(target)
+                if mounted is not None:
+                    if record is None and self._store.view_of(mounted.root, target) is None:
+                        raise InvalidRequest(f"target {target} is a mount this driver did not make; refusing to unmount")
+                    self._mounter.unmount(target)
             _remove_target(target)
             if record is not None:
                 self._records.delete(str(target))

@@ -258,9 +258,10 @@ class Puller:
             return ResolvedModule(known.module_digest, known.size, known.manifest_digest, known.layout, True)
         layer = select_module_layer(str(ref), manifest.media_type, manifest.body)
         stored = self._download(ref, layer, creds, deadline)
-        self._store.remember_manifest(
-            ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
-        )
+        if self._store.manifest(manifest.digest) is None:  # every caller that joined the download gets here
+            self._store.remember_manifest(
+                ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
+            )
         return ResolvedModule(stored.digest, stored.size, manifest.digest, layer.layout, False)
 
     def _download(
@@ -277,6 +278,11 @@ class Puller:
             )
         with self._lock:
             flight = self._flights.get(layer.digest)
+            if flight is None and layer.packaging == "raw":
+                # a download may have landed since the check above: never fetch the same blob twice
+                existing = self._store.stat(layer.digest)
+                if existing is not None:
+                    return existing
             started = flight is None
             if flight is None:
                 flight = self._pool.submit(self._run_download, ref, layer, creds)

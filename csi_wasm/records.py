@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from csi_wasm.store import fsync_dir, write_atomic
+from csi_wasm.store import write_atomic
 
 log = logging.getLogger("csi_wasm.records")
 
@@ -36,7 +36,13 @@ def record_key(target_path: str) -> str:
 
 
 class RecordStore:
-    """Durable records with an in-memory index; every write is atomic and fsync'd."""
+    """Records with an in-memory index; every write is atomic (temp file, rename), none is fsync'd.
+
+    A record describes a mount, and mounts live in the kernel: a driver crash keeps both (written
+    pages belong to the kernel, not the process), a power loss or reboot loses both, and recovery
+    drops a record whose mount is gone and adopts a mount whose record is missing. So an fsync per
+    publish (two, with the directory's) would buy nothing; it cost most of a warm publish.
+    """
 
     def __init__(self, root: pathlib.Path) -> None:
         self._root = root
@@ -66,13 +72,13 @@ class RecordStore:
             return self._by_target.get(target_path)
 
     def put(self, record: VolumeRecord) -> None:
-        write_atomic(self._path(record.target_path), json.dumps(asdict(record), sort_keys=True).encode())
+        data = json.dumps(asdict(record), sort_keys=True).encode()
+        write_atomic(self._path(record.target_path), data, durable=False)
         with self._lock:
             self._by_target[record.target_path] = record
 
     def delete(self, target_path: str) -> None:
         self._path(target_path).unlink(missing_ok=True)
-        fsync_dir(self._root)
         with self._lock:
             self._by_target.pop(target_path, None)
 

@@ -78,18 +78,21 @@ def fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
+def write_atomic(path: pathlib.Path, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` atomically. ``durable``: fsync the file and its directory (survive a power loss)."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(temp, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 class Ingest:
@@ -274,6 +277,15 @@ class ModuleStore:
         os.link(self.module_path(digest), temp)
         os.replace(temp, link)
         fsync_dir(directory)
+
+    def shows_view(self, target: pathlib.Path, digest: str, file_name: str) -> bool:
+        """True if ``target`` shows this view's directory (same inode): a bind of it is on top there."""
+        view = self.views_dir / digest.removeprefix("sha256:") / file_name
+        try:
+            ours, theirs = view.stat(), os.lstat(target)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def view_of(self, mount_root: str, mounted: pathlib.Path) -> tuple[str, str] | None:
         """(digest, fileName) if ``mounted`` is a bind of one of our views (same device and inode)."""
