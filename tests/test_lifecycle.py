@@ -21,7 +21,7 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
-from csi_wasm.mounts import LinuxMounter
+from csi_wasm.mounts import MS_BIND, LinuxMounter
 from csi_wasm.records import VolumeRecord
 
 from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
@@ -224,7 +224,8 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
     running = start_driver(tmp_path, node_config)
     kept, lost = running.volume(modules[0].reference), running.volume(modules[1].reference)
     orphan = running.volume(modules[2].reference)
-    for volume in (kept, lost, orphan):
+    half = running.volume(modules[3].reference)
+    for volume in (kept, lost, orphan, half):
         running.kubelet.mount(volume)
     stop_driver_keeping_mounts(running)
     mounter = LinuxMounter()
@@ -235,6 +236,12 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
 
     (records_dir / f"{record_key(str(running.kubelet.target_path(orphan)))}.json").unlink()  # mount without record
     (records_dir / "garbage.json").write_text("{not json")
+    # killed between the bind and the read-only remount, before the record: a writable bind of a shared module
+    half_target = running.kubelet.target_path(half)
+    mounter.unmount(half_target)
+    (records_dir / f"{record_key(str(half_target))}.json").unlink()
+    view = running.driver.store.view(modules[3].module_digest, "plugin.wasm")
+    mounter._mount(bytes(view), bytes(half_target), MS_BIND, "bind")  # no read-only remount
     (running.config.state_dir / "store" / "tmp" / "interrupted.partial").write_bytes(b"\0asm")
 
     restarted = start_driver(tmp_path, node_config)
@@ -242,7 +249,9 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
         assert restarted.driver.store.sweep_temp_files() == 0  # already swept at start
         samples = {s.labels["kind"]: s.value for m in restarted.driver.metrics.registry.collect()
                    if m.name == "csi_wasm_start_repairs" for s in m.samples if s.name.endswith("_total")}  # fmt: skip
-        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 1}
+        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 1,
+                           "writable_mount": 1}  # fmt: skip
+        assert str(half_target) not in restarted.mounts_under_kubelet() and not half_target.exists()
         targets = {r.target_path for r in restarted.driver.records.all()}
         assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan)}
         for volume in (kept, orphan, lost):
