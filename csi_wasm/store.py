@@ -159,6 +159,7 @@ class ModuleStore:
         self.tags_dir = root / "tags"
         self.quarantine_dir = root / "quarantine"
         self._min_free_bytes = min_free_bytes
+        self._manifests: dict[str, ManifestEntry] = {}  # dict get/set are atomic under the GIL
         self._lock = threading.Lock()
         for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir, self.tags_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -306,13 +307,21 @@ class ModuleStore:
     def remember_manifest(self, entry: ManifestEntry) -> None:
         path = self.manifests_dir / f"{entry.manifest_digest.removeprefix('sha256:')}.json"
         write_atomic(path, json.dumps(vars(entry), sort_keys=True).encode())
+        self._manifests[entry.manifest_digest] = entry
 
     def manifest(self, manifest_digest: str) -> ManifestEntry | None:
+        """What a manifest digest resolved to. Entries are content-addressed and never change, so the
+        file is read once per process (another process, `csi-wasm pull`, may have written it since)."""
+        cached = self._manifests.get(manifest_digest)
+        if cached is not None:
+            return cached
         path = self.manifests_dir / f"{manifest_digest.removeprefix('sha256:')}.json"
         try:
-            return ManifestEntry(**json.loads(path.read_bytes()))
+            entry = ManifestEntry(**json.loads(path.read_bytes()))
         except (FileNotFoundError, ValueError, TypeError):
             return None
+        self._manifests[manifest_digest] = entry
+        return entry
 
 
     def remember_tag(self, reference: str, manifest_digest: str, resolved_at: float) -> None:
