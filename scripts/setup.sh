@@ -20,4 +20,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+# runtime dependencies at the exact versions the container image installs (deploy/constraints.txt)
+.venv/bin/pip install -q --disable-pip-version-check -c deploy/constraints.txt -e ".${extras}"
