@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import grpc
 import pytest
@@ -24,6 +24,9 @@ from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
 from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
 from csi_wasm.server import Driver, serve
 
+if TYPE_CHECKING:
+    from faultproxy import FaultProxy
+
 DRIVER_NAME = "csi-wasm.dev"
 
 
@@ -34,6 +37,15 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     with LocalRegistry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
+@pytest.fixture
+def proxy(registry: LocalRegistry) -> Iterator["FaultProxy"]:
+    """Our fault-injecting HTTP proxy in front of the shared registry (tests/faultproxy.py)."""
+    from faultproxy import FaultProxy
+
+    with FaultProxy(registry.host) as running:
         yield running
 
 

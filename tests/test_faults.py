@@ -124,11 +124,6 @@ def pushed(pusher: Pusher) -> Pushed:
     return pusher.wasm_artifact("faults/raw", "v1", MODULE)
 
 
-@pytest.fixture
-def proxy(registry: LocalRegistry) -> Iterator[fp.FaultProxy]:
-    with fp.FaultProxy(registry.host) as running:
-        yield running
-
 
 def _start(tmp_path: pathlib.Path, proxy: fp.FaultProxy, **pull: object) -> RunningDriver:
     node = NodeConfig(pull=replace(fault_pull_config(), **pull)).with_insecure([proxy.host])  # type: ignore[arg-type]

@@ -54,11 +54,6 @@ def pushed(pusher: Pusher) -> Pushed:
     return pusher.wasm_artifact("hostile/registry", "v1", MODULE)
 
 
-@pytest.fixture
-def proxy(registry: LocalRegistry) -> Iterator[fp.FaultProxy]:
-    with fp.FaultProxy(registry.host) as running:
-        yield running
-
 
 @pytest.fixture
 def proxied_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
