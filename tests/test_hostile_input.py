@@ -24,7 +24,7 @@ from typing import Iterator
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csi_wasm._gen import csi_pb2

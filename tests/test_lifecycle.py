@@ -22,7 +22,6 @@ from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
 from csi_wasm.mounts import MS_BIND, LinuxMounter
-from csi_wasm.records import VolumeRecord
 
 from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
 

@@ -55,9 +55,9 @@ import grpc  # noqa: E402
 import yaml  # noqa: E402
 
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid  # noqa: E402
-from csi_wasm.demo.push import Pushed, Pusher  # noqa: E402
+from csi_wasm.demo.push import Pusher  # noqa: E402
 from csi_wasm.demo.registry import LocalRegistry  # noqa: E402
-from csi_wasm.demo.wasm_modules import make_module, sha256_digest  # noqa: E402
+from csi_wasm.demo.wasm_modules import make_module  # noqa: E402
 from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, enter_private_mount_namespace  # noqa: E402
 
 DRIVER_NAME = "csi-wasm.dev"
