@@ -19,7 +19,8 @@ here, at those seams:
 
 SSRF rule (``refuse_forbidden_host``): link-local and cloud-metadata addresses are
 never contacted. Private, loopback, CGNAT and unique-local addresses are contacted
-only as the registry itself (a pod may name an in-cluster registry), as a place the
+only as the registry itself (a pod may name an in-cluster registry; a loopback
+registry only if the node configuration names it under ``registries``), as a place the
 registry redirects to or names as its token realm *when the registry's own address
 is in that same private block* (a registry on 127.0.0.1 may use a token server on
 127.0.0.1; a public registry may not point the node at 10.0.0.5), or when the node
@@ -344,6 +345,8 @@ class RegistryClient:
         session = self._session(endpoint)
         origin = urllib.parse.urlsplit(url)
         refuse_forbidden_host(origin.hostname or "", f"image {ref}: registry", allowed=self._allowed_networks)
+        if not endpoint.is_mirror and endpoint.host not in self._node.registries:
+            refuse_local_registry(origin.hostname or "", ref, self._allowed_networks)
         for _ in range(MAX_REDIRECTS + 1):
             request_headers = {"Accept-Encoding": "identity"} | headers
             same_host = urllib.parse.urlsplit(url).netloc == origin.netloc
@@ -643,6 +646,26 @@ def forbidden_reason(
         if block is not None and not any(o.version == ip.version and o in block for o in origin):
             return f"{ip} is in the private block {block}, which the registry itself is not in"
     return None
+
+
+LOCAL_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "::/128", "::1/128")
+)
+
+
+def refuse_local_registry(host: str, ref: Reference, allowed: Iterable[IPNetwork] = ()) -> None:
+    """A pod may not point the privileged driver at the node's own loopback services.
+
+    Loopback registries are for admins: naming the registry under ``registries`` in the
+    node configuration (or its block in ``allowed_private_networks``) allows it.
+    """
+    allowed = tuple(allowed)
+    for ip in resolve(host):
+        if any(ip in n for n in LOCAL_NETWORKS) and not any(ip in n for n in allowed if n.version == ip.version):
+            raise AccessDenied(
+                f"image {ref}: registry {host[:100]} is a loopback address ({ip}); a pod may not name one. "
+                "A cluster admin can allow it by listing the registry under `registries` in the node configuration"
+            )
 
 
 def refuse_forbidden_host(

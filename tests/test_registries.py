@@ -124,8 +124,12 @@ def test_secrets_never_reach_the_logs(
         assert secret not in text
 
 
-def test_tls_is_verified_by_default(tmp_path: pathlib.Path, private_image: str) -> None:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()))  # no ca_bundle for the self-signed cert
+def test_tls_is_verified_by_default(
+    tmp_path: pathlib.Path, private_registry: LocalRegistry, private_image: str
+) -> None:
+    # the registry is declared (loopback registries must be) but given no ca_bundle for its self-signed cert
+    node = NodeConfig(registries={private_registry.host: RegistryHostConfig()}, pull=fast_pull_config())
+    running = start_driver(tmp_path, node)
     try:
         volume = running.inline({"image": private_image},
                                 {"username": PRIVATE_AUTH.username, "password": PRIVATE_AUTH.password})  # fmt: skip
@@ -133,6 +137,22 @@ def test_tls_is_verified_by_default(tmp_path: pathlib.Path, private_image: str) 
             running.kubelet.mount(volume)
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "TLS verification" in (failure.value.details() or "")
+    finally:
+        stop_driver(running)
+
+
+def test_a_pod_cannot_point_the_driver_at_an_undeclared_loopback_registry(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    pushed = pusher.wasm_artifact("loopback/filter", "v1", make_module(2000, "loopback"))
+    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()))  # 127.0.0.1 not in the node config
+    try:
+        with pytest.raises(grpc.RpcError) as failure:
+            running.kubelet.mount(running.volume(pushed.reference))
+        assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "loopback" in (failure.value.details() or "")
+        time.sleep(0.2)
+        assert _manifest_gets(registry, "loopback/filter") == 0  # refused before connecting
     finally:
         stop_driver(running)
 
