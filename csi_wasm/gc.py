@@ -54,7 +54,7 @@ class GcReport:
 class GarbageCollector:
     store: ModuleStore
     records: RecordStore
-    publisher: PinGuard
+    pins: PinGuard
     config: StoreConfig
     metrics: Metrics
     protected: Callable[[], set[str]] = set
@@ -75,7 +75,7 @@ class GarbageCollector:
             if now - module.last_used < self.config.gc_grace_seconds and excess <= 0:
                 in_grace += 1
                 continue
-            with self.publisher.exclusive() as pinned:
+            with self.pins.exclusive() as pinned:
                 if self.records.references()[module.digest] or module.digest in pinned:
                     referenced += 1
                     continue

@@ -54,7 +54,6 @@ class Metrics:
         self.gc_evictions = Counter("csi_wasm_gc_evictions", "Modules removed by garbage collection", registry=r)
         self.gc_bytes = Counter("csi_wasm_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
         self.repairs = Counter("csi_wasm_start_repairs", "Inconsistencies repaired at start", ["kind"], registry=r)
-        self.mounted_volumes = Gauge("csi_wasm_mounted_volumes", "Volumes published on this node", registry=r)
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:
@@ -92,6 +91,9 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("csi_wasm_store_bytes", "Bytes of modules in the store", value=sum(sizes.values()))
         yield GaugeMetricFamily(
             "csi_wasm_store_referenced_modules", "Modules used by at least one volume", value=referenced
+        )
+        yield GaugeMetricFamily(
+            "csi_wasm_mounted_volumes", "Volumes published on this node", value=sum(references.values())
         )
         yield GaugeMetricFamily(
             "csi_wasm_store_unreferenced_modules", "Modules no volume uses (GC candidates)", value=len(sizes) - referenced

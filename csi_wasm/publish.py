@@ -214,7 +214,6 @@ class Publisher:
                 _remove_target(target)
             raise
         self._store.touch(module.digest)
-        self._metrics.mounted_volumes.set(len(self._records.all()))
 
     # -- unpublish -----------------------------------------------------------
 
@@ -237,7 +236,6 @@ class Publisher:
             if record is not None:
                 self._records.delete(str(target))
                 self._store.touch(record.module_digest)  # the LRU clock starts at the last release
-        self._metrics.mounted_volumes.set(len(self._records.all()))
         return record
 
     # -- targets -------------------------------------------------------------

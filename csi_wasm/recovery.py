@@ -72,7 +72,6 @@ def recover(
         if count:
             metrics.repairs.labels(kind).inc(count)
     volumes = len(records.all())
-    metrics.mounted_volumes.set(volumes)
     report = RecoveryReport(
         temp_files, len(unreadable), dropped, adopted, writable, volumes, time.monotonic() - started
     )

@@ -160,3 +160,21 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
         driver.close()
         socket_path.unlink(missing_ok=True)
         event(log, "stopped")
+
+
+class BackgroundServer:
+    """``serve`` on a thread of this process, for the demo and the tests; ``stop`` drains and joins."""
+
+    def __init__(self, driver: Driver, ready_timeout: float = 30.0) -> None:
+        self.driver = driver
+        self._stop = threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=serve, args=(driver, self._stop, ready.set), daemon=True)
+        self._thread.start()
+        if not ready.wait(ready_timeout):
+            self.stop()
+            raise RuntimeError(f"driver did not become ready within {ready_timeout}s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(STOP_GRACE_SECONDS * 2)

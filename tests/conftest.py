@@ -7,9 +7,7 @@ thread starts), so no bind mount made by a test can reach the host.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -22,7 +20,7 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
 from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
-from csi_wasm.server import Driver, serve
+from csi_wasm.server import BackgroundServer, Driver
 
 if TYPE_CHECKING:
     from faultproxy import FaultProxy
@@ -90,8 +88,7 @@ class RunningDriver:
     driver: Driver
     kubelet: Kubelet
     config: DriverConfig
-    stop: threading.Event
-    thread: threading.Thread
+    server: BackgroundServer
     volumes: list[InlineVolume] = field(default_factory=list)
 
     def volume(self, image: str, **attributes: str) -> InlineVolume:
@@ -117,18 +114,13 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
         node=node,
     )
     (config.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
-    driver = Driver(config)
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=serve, args=(driver, stop, ready.set), daemon=True)
-    thread.start()
-    assert ready.wait(30), "driver did not become ready"
-    return RunningDriver(driver, Kubelet(config.socket_path, config.kubelet_dir), config, stop, thread)
+    server = BackgroundServer(Driver(config))
+    return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
 
 
 def stop_driver(running: RunningDriver) -> None:
     running.kubelet.close()
-    running.stop.set()
-    running.thread.join(60)
+    running.server.stop()
     for mount_point in sorted(running.mounts_under_kubelet(), reverse=True):
         LinuxMounter().unmount(pathlib.Path(mount_point))
 
@@ -165,12 +157,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
-
-
-def which_or_fail(binary: str) -> str:
-    path = shutil.which(binary)
-    assert path, f"{binary} must be installed (see .ci/run)"
-    return path
 
 
 @dataclass

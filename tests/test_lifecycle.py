@@ -262,8 +262,7 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
 
 def stop_driver_keeping_mounts(running: RunningDriver) -> None:
     running.kubelet.close()
-    running.stop.set()
-    running.thread.join(60)
+    running.server.stop()
 
 
 def test_kill_minus_9_mid_download_and_after_publish(
@@ -352,8 +351,7 @@ def test_store_commands_list_verify_and_gc(tmp_path: pathlib.Path, csi: RunningD
     csi.kubelet.unmount(used)
     config = tmp_path / "gc.yaml"
     config.write_text("store: {gc_grace_seconds: 0}\n")
-    csi.stop.set()  # offline gc: the in-process driver is gone, the CLI collects itself
-    csi.thread.join(60)
+    csi.server.stop()  # offline gc: the in-process driver is gone, the CLI collects itself
     gc = _cli("store", "gc", "--state-dir", state, "--config", str(config))
     assert gc.returncode == 0 and "removed 1 modules" in gc.stdout, gc.stdout + gc.stderr
     assert csi.driver.store.modules() == []

@@ -13,7 +13,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import threading
 
 from csi_wasm.config import DriverConfig, NodeConfig
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
@@ -21,7 +20,7 @@ from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
-from csi_wasm.server import Driver, serve
+from csi_wasm.server import BackgroundServer, Driver
 
 DEMO_DRIVER = "csi-wasm.dev"
 PODS = 3
@@ -31,8 +30,7 @@ def run_demo(module_size: int = 256 * 1024, keep: bool = False) -> int:
     enter_private_mount_namespace()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="csi-wasm-demo-"))
     registry = LocalRegistry(workdir / "registry").start()
-    stop = threading.Event()
-    server_thread: threading.Thread | None = None
+    server: BackgroundServer | None = None
     try:
         print(f"1. registry: docker-registry listening on {registry.host}")
         pushed = Pusher(registry.host).wasm_artifact("demo/filters/hello", "v1", make_module(module_size, "hello"))
@@ -45,18 +43,12 @@ def run_demo(module_size: int = 256 * 1024, keep: bool = False) -> int:
             kubelet_dir=workdir / "kubelet",
             node=NodeConfig().with_insecure([registry.host]),
         )
-        driver = Driver(config)
-        ready = threading.Event()
-        server_thread = threading.Thread(target=serve, args=(driver, stop, ready.set), daemon=True)
-        server_thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("driver did not become ready")
+        server = BackgroundServer(Driver(config))
         print(f"3. driver {DEMO_DRIVER} serving on {config.socket_path}")
-        return _publish_three_pods(Kubelet(config.socket_path, config.kubelet_dir), pushed.reference, driver)
+        return _publish_three_pods(Kubelet(config.socket_path, config.kubelet_dir), pushed.reference, server.driver)
     finally:
-        stop.set()
-        if server_thread is not None:
-            server_thread.join(60)
+        if server is not None:
+            server.stop()
         registry.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
