@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
 
 from grpc_tools import protoc
@@ -19,11 +20,25 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE_PATH = "csi_wasm/_gen"
 
 
+def plugin(name: str) -> str:
+    """A protoc plugin installed beside this interpreter (the venv's bin), else the one on PATH.
+
+    protoc itself looks plugins up on PATH only, which may hold another version or none at all.
+    """
+    beside = pathlib.Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found beside {sys.executable} or on PATH: pip install -e '.[dev]'")
+    return found
+
+
 def generate(out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
         f"-I{PACKAGE_PATH}={ROOT / 'proto'}",
         f"-I{include}",
         f"--python_out={out}",

@@ -14,6 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_generated_stubs_match_the_proto(tmp_path: pathlib.Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--out", str(tmp_path)], check=True)
     committed = ROOT / "csi_wasm" / "_gen"
+    generated = {p.name for p in tmp_path.iterdir()}
+    expected = {"csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py", "csi_pb2_grpc.pyi"}
+    assert generated == expected, f"gen_proto.py produced {sorted(generated)}"
+    assert generated <= {p.name for p in committed.iterdir()}
     for produced in sorted(tmp_path.iterdir()):
         assert produced.read_text() == (committed / produced.name).read_text(), (
             f"{produced.name} drifted from proto/csi.proto: run python scripts/gen_proto.py"
