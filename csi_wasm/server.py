@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import logging
 import os
 import pathlib
@@ -13,8 +12,9 @@ from typing import Callable
 import grpc
 
 from csi_wasm._gen import csi_pb2_grpc
-from csi_wasm.config import DriverConfig
+from csi_wasm.config import DriverConfig, UsageError
 from csi_wasm.credentials import Keychain, load_docker_config
+from csi_wasm.endpoint import BoundSocket, clear_stale_socket, private_name, sweep_private_names
 from csi_wasm.errors import DriverError
 from csi_wasm.gc import GarbageCollector
 from csi_wasm.logs import event
@@ -28,13 +28,12 @@ from csi_wasm.reference import parse_reference
 from csi_wasm.recovery import RecoveryReport, recover
 from csi_wasm.registry import RegistryClient
 from csi_wasm.servicers import IdentityServicer, NodeServicer
+from csi_wasm.statedir import StateDirLock
 from csi_wasm.store import ModuleStore
 
 log = logging.getLogger("csi_wasm.server")
 GRPC_WORKERS = 16
 STOP_GRACE_SECONDS = 30.0
-DRIVER_LOCK = "driver.lock"
-DRIVER_PID = "driver.pid"
 
 
 class Driver:
@@ -68,20 +67,12 @@ class Driver:
         self.metrics.watch_store(lambda: {m.digest: m.size for m in self.store.modules()}, self.records.references)
         self._ready = threading.Event()
         self._stop_background = threading.Event()
-        self._lock_file: int | None = None
 
     def prepulled(self) -> set[str]:
         return set(self._prepulled)
 
     def protected_from_gc(self) -> set[str]:
         return self.prepulled() | self.puller.recently_landed()
-
-    def claim_state_dir(self) -> None:
-        """Hold a shared lock on the state dir and write our pid, so `csi-wasm store gc` can find us."""
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = os.open(self.config.state_dir / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._lock_file, fcntl.LOCK_SH)
-        (self.config.state_dir / DRIVER_PID).write_text(f"{os.getpid()}\n")
 
     def start_background(self) -> None:
         """Pre-pull configured modules, then collect garbage every ``gc_interval_seconds``."""
@@ -132,34 +123,46 @@ class Driver:
         self._stop_background.set()
         self.gc.trigger()
         self.puller.close()
-        if self._lock_file is not None:
-            (self.config.state_dir / DRIVER_PID).unlink(missing_ok=True)
-            os.close(self._lock_file)
-            self._lock_file = None
 
 
 def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until ``stop`` is set, then drain in-flight calls and remove the socket."""
-    socket_path = pathlib.Path(driver.config.socket_path)
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)  # a stale socket from a previous run blocks bind
-    driver.claim_state_dir()
-    server = driver.grpc_server()
-    server.add_insecure_port(f"unix://{socket_path}")
-    server.start()
-    event(log, "serving", endpoint=str(socket_path), driver=driver.config.driver_name, node_id=driver.config.node_id)
+    """Serve until ``stop`` is set, then drain in-flight calls and remove our socket.
+
+    The state dir is claimed first (a second driver on it waits here until the first has
+    exited), and only then is the socket touched: a stale one is replaced, a live one or
+    anything that is not a socket is refused (UsageError).
+    """
+    lock = StateDirLock(driver.config.state_dir)
+    if not lock.acquire(stop):
+        event(log, "stopped", why="stopped while waiting for the state dir")
+        return
     try:
-        driver.recover()
-        driver.start_background()
-        if on_ready:
-            on_ready()
-        stop.wait()
+        socket_path = pathlib.Path(driver.config.socket_path)
+        clear_stale_socket(socket_path)
+        sweep_private_names(socket_path)
+        server = driver.grpc_server()
+        staging = private_name(socket_path)
+        try:
+            server.add_insecure_port(f"unix://{staging}")
+        except RuntimeError as exc:
+            raise UsageError(f"--endpoint unix://{socket_path}: cannot listen there ({exc})") from exc
+        server.start()
+        bound = BoundSocket.rename_onto(staging, socket_path)
+        event(log, "serving", endpoint=str(socket_path), driver=driver.config.driver_name, node_id=driver.config.node_id)
+        try:
+            driver.recover()
+            driver.start_background()
+            if on_ready:
+                on_ready()
+            stop.wait()
+        finally:
+            event(log, "stopping", grace_seconds=STOP_GRACE_SECONDS)
+            server.stop(STOP_GRACE_SECONDS).wait()
+            bound.remove()  # before the lock goes: a successor binds only once it holds the lock
+            driver.close()
+            event(log, "stopped")
     finally:
-        event(log, "stopping", grace_seconds=STOP_GRACE_SECONDS)
-        server.stop(STOP_GRACE_SECONDS).wait()
-        driver.close()
-        socket_path.unlink(missing_ok=True)
-        event(log, "stopped")
+        lock.release()
 
 
 class BackgroundServer:
@@ -168,12 +171,24 @@ class BackgroundServer:
     def __init__(self, driver: Driver, ready_timeout: float = 30.0) -> None:
         self.driver = driver
         self._stop = threading.Event()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=serve, args=(driver, self._stop, ready.set), daemon=True)
+        self._settled = threading.Event()  # ready, or serve() ended early
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-        if not ready.wait(ready_timeout):
+        if not self._settled.wait(ready_timeout):
             self.stop()
             raise RuntimeError(f"driver did not become ready within {ready_timeout}s")
+        if self._failure is not None or not self._thread.is_alive():
+            self.stop()
+            raise RuntimeError("driver stopped before it was ready") from self._failure
+
+    def _serve(self) -> None:
+        try:
+            serve(self.driver, self._stop, self._settled.set)
+        except BaseException as exc:  # handed to the constructor, which re-raises it in the caller's thread
+            self._failure = exc
+        finally:
+            self._settled.set()
 
     def stop(self) -> None:
         self._stop.set()

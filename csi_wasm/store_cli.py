@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import pathlib
 import signal
 import time
 
-from csi_wasm.config import NodeConfig
+from csi_wasm.config import NodeConfig, UsageError
 from csi_wasm.gc import GarbageCollector, NoPublishes
 from csi_wasm.metrics import Metrics
 from csi_wasm.records import RecordStore
-from csi_wasm.server import DRIVER_LOCK, DRIVER_PID
+from csi_wasm.statedir import StateDirLock, holder_pid
 from csi_wasm.store import ModuleStore
 
 
 def run(command: str, state_dir: pathlib.Path, node: NodeConfig) -> int:
+    # Checked before anything is opened: the store classes create their directories, and a
+    # mistyped path must not grow a fresh, empty store that answers "nothing here".
+    if not (state_dir / "store").is_dir():
+        raise UsageError(
+            f"--state-dir {state_dir}: no csi-wasm store there (no {state_dir / 'store'}); check the path "
+            "(the DaemonSet's is /var/lib/csi-wasm)"
+        )
     store = ModuleStore(state_dir / "store")
     records = RecordStore(state_dir / "volumes")
     records.load()
@@ -40,24 +45,22 @@ def _list(store: ModuleStore, records: RecordStore) -> int:
 
 
 def _gc(state_dir: pathlib.Path, store: ModuleStore, records: RecordStore, node: NodeConfig) -> int:
-    lock = os.open(state_dir / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = StateDirLock(state_dir)
+    if not lock.try_acquire():
+        return _ask_running_driver(state_dir)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            return _ask_running_driver(state_dir)
         report = GarbageCollector(store, records, NoPublishes(), node.store, Metrics(process=False)).collect()
         print(f"removed {len(report.removed)} modules, freed {report.freed_bytes} bytes; kept "
               f"{report.kept_referenced} referenced and {report.kept_in_grace} within the grace period")  # fmt: skip
         return 0
     finally:
-        os.close(lock)
+        lock.release()
 
 
 def _ask_running_driver(state_dir: pathlib.Path) -> int:
-    pid = int((state_dir / DRIVER_PID).read_text())
+    pid = holder_pid(state_dir)
+    if pid is None:
+        raise UsageError(f"--state-dir {state_dir}: a driver holds this store but wrote no readable pid; retry")
     os.kill(pid, signal.SIGUSR1)
     print(f"the driver (pid {pid}) owns this store; asked it to collect now (see its log for the gc event)")
     return 0

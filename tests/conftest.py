@@ -114,6 +114,7 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
         node=node,
     )
     (config.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
+    pathlib.Path(config.socket_path).parent.mkdir(parents=True, exist_ok=True)  # kubelet's plugin dir exists
     server = BackgroundServer(Driver(config))
     return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
 
@@ -203,6 +204,7 @@ def driver_process(tmp_path: pathlib.Path, *extra: str, global_args: tuple[str, 
 
     socket = str(tmp_path / "csi" / "csi.sock")
     (tmp_path / "kubelet" / "pods").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "csi").mkdir(exist_ok=True)
     args = [sys.executable, "-m", "csi_wasm", *global_args, "serve", "--endpoint", f"unix://{socket}", "--node-id", "test-node",
             "--driver-name", DRIVER_NAME, "--state-dir", str(tmp_path / "state"),
             "--kubelet-dir", str(tmp_path / "kubelet"), *extra]  # fmt: skip

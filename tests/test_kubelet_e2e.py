@@ -234,6 +234,7 @@ def node(
     kubelet_dir = tmp_path / "var-lib-kubelet"
     (kubelet_dir / "pods").mkdir(parents=True)
     socket = tmp_path / "plugins" / "csi-wasm.dev" / "csi.sock"
+    socket.parent.mkdir(parents=True)  # the DaemonSet's plugin-dir hostPath (DirectoryOrCreate)
     config = yaml.safe_load(find(DAEMONSET_DOCS, "ConfigMap")["data"]["config.yaml"])
     config["registries"] = {private_registry.host: {"ca_bundle": str(tls_files[0])}}
     config_path = tmp_path / "etc-csi-wasm" / "config.yaml"

@@ -88,6 +88,7 @@ class DriverProc:
 
     def start(self) -> DriverProc:
         (self.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
+        pathlib.Path(self.socket).parent.mkdir(exist_ok=True)
         serve = ["--log-level", "warning", "serve", "--endpoint", f"unix://{self.socket}", "--node-id", "soak-node", "--driver-name",
                  DRIVER_NAME, "--state-dir", str(self.state_dir), "--kubelet-dir", str(self.kubelet_dir),
                  "--config", str(self.config)]  # fmt: skip

@@ -43,6 +43,7 @@ def run_demo(module_size: int = 256 * 1024, keep: bool = False) -> int:
             kubelet_dir=workdir / "kubelet",
             node=NodeConfig().with_insecure([registry.host]),
         )
+        (workdir / "csi").mkdir()
         server = BackgroundServer(Driver(config))
         print(f"3. driver {DEMO_DRIVER} serving on {config.socket_path}")
         return _publish_three_pods(Kubelet(config.socket_path, config.kubelet_dir), pushed.reference, server.driver)
