@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """The node configuration is invalid; the message names the bad key."""
 
 
+class UsageError(ConfigError):
+    """A flag, an environment variable or a path the operator gave is wrong; the message names it."""
+
+
 @dataclass(frozen=True)
 class RegistryHostConfig:
     """Per-registry settings, keyed by registry host[:port]."""
@@ -96,12 +100,12 @@ class DriverConfig:
 
     def __post_init__(self) -> None:
         if not _DRIVER_NAME.match(self.driver_name):
-            raise ConfigError(
-                f"driver name {self.driver_name!r}: 1-63 characters, letters, digits, '-', '.', '_', "
+            raise UsageError(
+                f"--driver-name {self.driver_name!r}: 1-63 characters, letters, digits, '-', '.', '_', "
                 "beginning and ending with a letter or digit"
             )
         if not self.node_id:
-            raise ConfigError("node id is empty: pass --node-id or set NODE_ID")
+            raise UsageError("--node-id is empty: pass --node-id or set NODE_ID (the DaemonSet sets it to spec.nodeName)")
 
     @property
     def socket_path(self) -> str:
@@ -115,7 +119,7 @@ def socket_path_of(endpoint: str) -> str:
             endpoint = endpoint[len(prefix) :]
             break
     if not endpoint.startswith("/"):
-        raise ConfigError(f"endpoint {endpoint!r}: expected an absolute unix socket path")
+        raise UsageError(f"--endpoint {endpoint!r}: expected unix:///absolute/path/to/csi.sock")
     return endpoint
 
 

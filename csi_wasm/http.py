@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import http.server
+import ipaddress
+import socket
 import threading
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from csi_wasm.config import UsageError
+
+
+class _IPv6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
 
 class MetricsServer:
+    """Binds at construction, so a port in use is reported before the driver starts anything."""
+
     def __init__(self, host: str, port: int, registry: CollectorRegistry, is_healthy: Callable[[], bool]) -> None:
         handler = _handler(registry, is_healthy)
-        self._server = http.server.ThreadingHTTPServer((host, port), handler)
+        server_class = _IPv6Server if ":" in host else http.server.ThreadingHTTPServer
+        try:
+            self._server = server_class((host, port), handler)
+        except OSError as exc:
+            raise UsageError(
+                f"--metrics-address {_join(host, port)}: cannot listen there: {exc.strerror or exc} "
+                "(is another process using the port? pick another or stop it)"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 
@@ -30,10 +47,25 @@ class MetricsServer:
 
 
 def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all IPv4 interfaces) or ``[IPv6]:PORT`` -> (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics address {address!r}: expected HOST:PORT")
+    problem = None
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        problem = "expected HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9808"
+    elif host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        problem = "write an IPv6 host in brackets, e.g. [::]:9808"
+    elif host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            problem = f"{host} is not an IPv6 address"
+    if problem:
+        raise UsageError(f"--metrics-address {address[:100]!r}: {problem}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _handler(registry: CollectorRegistry, is_healthy: Callable[[], bool]) -> type[http.server.BaseHTTPRequestHandler]:
