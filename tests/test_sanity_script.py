@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +26,52 @@ from csi_wasm.wasm import MAGIC
 
 from conftest import wait_for
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+INSTALL_HINT = re.compile(r"go install github\.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@(v5\.\d+\.\d+)")
+# Everything the script would run once past its csi-sanity check: setup, the namespace, mounts, the helper.
+SETUP_COMMANDS = ("apt-get", "python3", "pip", "unshare", "mount", "setsid", "mktemp", "docker-registry")
 MOUNT_CAPABILITY = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(),
     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
 )
+
+
+def test_without_csi_sanity_the_script_exits_2_with_the_install_hint_and_starts_nothing(tmp_path: pathlib.Path) -> None:
+    # The script and its setup step run from a scratch checkout, so any setup work it started (a .venv,
+    # a package install) would show up there instead of vanishing into the real checkout's .venv.
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    for name in ("sanity.sh", "setup.sh"):
+        shutil.copy2(ROOT / "scripts" / name, checkout / "scripts" / name)
+    calls = tmp_path / "calls.log"
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for command in SETUP_COMMANDS:
+        shim = shims / command
+        shim.write_text(f'#!/bin/sh\necho "{command} $*" >> {calls}\nexit 97\n')
+        shim.chmod(0o755)
+    path = f"{shims}:/usr/bin:/bin"
+    assert shutil.which("csi-sanity", path=path) is None, "this test needs a PATH without csi-sanity"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    mounts_before = pathlib.Path("/proc/self/mountinfo").read_text()
+
+    result = subprocess.run(
+        ["/bin/bash", str(checkout / "scripts" / "sanity.sh")],
+        env={"PATH": path, "TMPDIR": str(scratch), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    hint = INSTALL_HINT.search(result.stderr)
+    assert hint is not None, result.stderr
+    assert f"csi-sanity@{hint.group(1)}" in (ROOT / "README.md").read_text(), "README names another version"
+    assert not calls.exists(), calls.read_text()
+    assert sorted(str(p.relative_to(checkout)) for p in checkout.rglob("*")) == [
+        "scripts", "scripts/sanity.sh", "scripts/setup.sh",
+    ]  # fmt: skip
+    assert list(scratch.iterdir()) == []
+    assert pathlib.Path("/proc/self/mountinfo").read_text() == mounts_before
 
 
 @pytest.fixture
