@@ -50,8 +50,9 @@ def test_without_csi_sanity_the_script_exits_2_with_the_install_hint_and_starts_
         shim = shims / command
         shim.write_text(f'#!/bin/sh\necho "{command} $*" >> {calls}\nexit 97\n')
         shim.chmod(0o755)
-    path = f"{shims}:/usr/bin:/bin"
-    assert shutil.which("csi-sanity", path=path) is None, "this test needs a PATH without csi-sanity"
+    for tool in ("bash", "cat", "dirname", "id"):  # real; every other command is absent or a recording shim
+        (shims / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    path = str(shims)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     mounts_before = pathlib.Path("/proc/self/mountinfo").read_text()
