@@ -84,6 +84,7 @@ def serve_for_sanity(layout: SanityLayout, stop: threading.Event) -> None:
             kubelet_dir=layout.kubelet_dir,
             node=NodeConfig().with_insecure([registry.host]),
         )
+        pathlib.Path(config.socket_path).parent.mkdir(exist_ok=True)  # the driver binds only in an existing dir
         server = BackgroundServer(Driver(config))
         _write_atomically(layout.ready_file, f"{pushed.reference}\n")
         event(log, "sanity.ready", endpoint=layout.endpoint, image=pushed.reference)
