@@ -6,6 +6,8 @@ to the logs. Labels are small closed sets (operation results, error reasons).
 
 from __future__ import annotations
 
+import os
+import pathlib
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +15,7 @@ from prometheus_client import gc_collector, platform_collector, process_collecto
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from csi_wasm.config import StoreConfig
 from csi_wasm.errors import DriverError
 
 # A cached publish is sub-millisecond; a cold pull of a large module can take minutes.
@@ -54,6 +57,7 @@ class Metrics:
         self.gc_evictions = Counter("csi_wasm_gc_evictions", "Modules removed by garbage collection", registry=r)
         self.gc_bytes = Counter("csi_wasm_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
         self.repairs = Counter("csi_wasm_start_repairs", "Inconsistencies repaired at start", ["kind"], registry=r)
+        self.ready = Gauge("csi_wasm_ready", "1 once the driver has recovered its state and serves publishes", registry=r)
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:
@@ -68,6 +72,14 @@ class Metrics:
     def watch_store(self, sizes: Callable[[], Mapping[str, int]], references: Callable[[], Mapping[str, int]]) -> None:
         """Report the store at scrape time (module digest -> bytes, digest -> volumes), so it is never stale."""
         self.registry.register(_StoreCollector(sizes, references))
+
+    def watch_readiness(self, is_ready: Callable[[], bool]) -> None:
+        """Readiness as a gauge (what /healthz answers), so an alert sees a driver stuck recovering."""
+        self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    def watch_store_space(self, store_root: pathlib.Path, limits: StoreConfig) -> None:
+        """The store's cap and free-space floor next to the free space they are compared with."""
+        self.registry.register(_StoreSpaceCollector(store_root, limits))
 
 
 def _error_classes() -> list[type[DriverError]]:
@@ -98,3 +110,24 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "csi_wasm_store_unreferenced_modules", "Modules no volume uses (GC candidates)", value=len(sizes) - referenced
         )
+
+
+class _StoreSpaceCollector(Collector):
+    def __init__(self, store_root: pathlib.Path, limits: StoreConfig) -> None:
+        self._root = store_root
+        self._limits = limits
+
+    def collect(self) -> Iterable[Metric]:
+        stats = os.statvfs(self._root)  # what the store's free-space check reads before a download
+        yield GaugeMetricFamily(
+            "csi_wasm_store_filesystem_free_bytes", "Bytes available to the driver on the store's filesystem",
+            value=stats.f_bavail * stats.f_frsize,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "csi_wasm_store_min_free_bytes", "Free-space floor: new downloads are refused below it (0: none)",
+            value=self._limits.min_free_bytes,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "csi_wasm_store_max_bytes", "Store cap: GC removes unused modules above it (0: no cap)",
+            value=self._limits.max_store_bytes,
+        )  # fmt: skip

@@ -65,7 +65,9 @@ class Driver:
         )
         self._prepulled: set[str] = set()
         self.metrics.watch_store(lambda: {m.digest: m.size for m in self.store.modules()}, self.records.references)
+        self.metrics.watch_store_space(self.store.root, config.node.store)
         self._ready = threading.Event()
+        self.metrics.watch_readiness(self.is_ready)
         self._stop_background = threading.Event()
 
     def prepulled(self) -> set[str]:

@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 import grpc
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -58,7 +57,7 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     return match
 
 
-MANIFEST_FILES = [DEPLOY / "daemonset.yaml", *sorted(EXAMPLES.glob("*.yaml"))]
+MANIFEST_FILES = [DEPLOY / "daemonset.yaml", *sorted(EXAMPLES.glob("*.yaml")), EXAMPLES / "istio" / "workload.yaml"]
 DOCS = load(DEPLOY / "daemonset.yaml")
 DAEMONSET = find(DOCS, "DaemonSet")
 POD_SPEC = DAEMONSET["spec"]["template"]["spec"]
@@ -411,82 +410,14 @@ def test_private_example_secrets_are_accepted_by_the_driver() -> None:
         assert find(docs, "Secret", name)["metadata"]["namespace"] == pod["metadata"]["namespace"]
 
 
-ISTIO_DOCS = load(EXAMPLES / "istio.yaml")
-# The WasmPlugin fields of Istio's CRD (extensions.istio.io/v1alpha1), as far as this example uses them.
-WASMPLUGIN_SPEC_SCHEMA = {
-    "type": "object",
-    "required": ["url"],
-    "additionalProperties": False,
-    "properties": {
-        "selector": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
-        },
-        "targetRefs": {"type": "array"},
-        "url": {"type": "string", "minLength": 1},
-        "sha256": {"type": "string", "pattern": "(^$|^[a-f0-9]{64}$)"},
-        "imagePullPolicy": {"enum": ["UNSPECIFIED_POLICY", "IfNotPresent", "Always"]},
-        "imagePullSecret": {"type": "string"},
-        "pluginConfig": {"type": "object"},
-        "pluginName": {"type": "string", "minLength": 1, "maxLength": 256},
-        "phase": {"enum": ["UNSPECIFIED_PHASE", "AUTHN", "AUTHZ", "STATS"]},
-        "priority": {"type": "integer"},
-        "failStrategy": {"enum": ["FAIL_CLOSE", "FAIL_OPEN", "FAIL_RELOAD"]},
-        "type": {"enum": ["UNSPECIFIED_PLUGIN_TYPE", "HTTP", "NETWORK"]},
-        "match": {"type": "array"},
-        "vmConfig": {"type": "object"},
-        "verificationKey": {"type": "string"},
-    },
-}
-
-
-def istio_parts() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    template = find(ISTIO_DOCS, "Deployment")["spec"]["template"]
-    annotations = template["metadata"]["annotations"]
-    (volume,) = json.loads(annotations["sidecar.istio.io/userVolume"])  # Istio: a JSON array
-    (mount,) = json.loads(annotations["sidecar.istio.io/userVolumeMount"])
-    return template, volume, mount, find(ISTIO_DOCS, "WasmPlugin")
-
-
-def test_istio_annotations_add_a_csi_wasm_volume_to_the_proxy_only() -> None:
-    template, volume, mount, _ = istio_parts()
-    assert volume["csi"]["driver"] == DRIVER_NAME and volume["csi"]["readOnly"] is True
-    assert mount["name"] == volume["name"] and mount["readOnly"] is True
-    assert not csi_volumes(template["spec"]), "the injector adds the volume; the app container never sees it"
-    VolumeSpec.parse(volume["csi"]["volumeAttributes"], {}, Keychain())
-    # the pod as Istio's injector renders it (volume appended, mount on istio-proxy) is a valid Pod
-    injected = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "httpbin-0", "namespace": "wasm-demo"},
-                "spec": copy.deepcopy(template["spec"])}  # fmt: skip
-    injected["spec"]["volumes"] = [volume]
-    injected["spec"]["containers"].append(
-        {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.28.0", "volumeMounts": [mount]}
-    )
-    kubernetes_validate.validate(injected, K8S_VERSION, strict=True)
-
-
-def test_wasmplugin_loads_the_mounted_file_and_checks_the_same_digest() -> None:
-    template, volume, mount, plugin = istio_parts()
-    assert plugin["apiVersion"] == "extensions.istio.io/v1alpha1"
-    jsonschema.validate(plugin["spec"], WASMPLUGIN_SPEC_SCHEMA)
-    # metadata is ordinary ObjectMeta: validate it strictly through a kind Kubernetes knows
-    kubernetes_validate.validate(
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": plugin["metadata"]}, K8S_VERSION, strict=True
-    )
-    assert plugin["metadata"]["namespace"] == find(ISTIO_DOCS, "Deployment")["metadata"]["namespace"]
-    assert plugin["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    spec = VolumeSpec.parse(volume["csi"]["volumeAttributes"], {}, Keychain())
-    assert plugin["spec"]["url"] == f"file://{mount['mountPath']}/{spec.file_name}"
-    assert spec.module.module_digest == f"sha256:{plugin['spec']['sha256']}"
-
-
 def test_example_attributes_are_ones_the_driver_knows() -> None:
-    volumes = [json.loads(istio_parts()[0]["metadata"]["annotations"]["sidecar.istio.io/userVolume"])[0]]
+    """The Istio examples' volumes are checked in tests/test_istio.py."""
+    volumes = []
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for doc in load(path):
             if doc["kind"] == "Pod":
                 volumes += csi_volumes(doc["spec"])
-    assert len(volumes) == 3
+    assert len(volumes) == 2
     for volume in volumes:
         attributes = volume["csi"]["volumeAttributes"]
         assert "image" in attributes and set(attributes) <= KNOWN_ATTRIBUTES, attributes
@@ -504,11 +435,16 @@ def readme_section(title: str) -> str:
     return match.group(1)
 
 
-def test_readme_install_section_covers_apply_verify_and_uninstall() -> None:
+def test_readme_install_upgrade_and_uninstall_sections_cover_the_steps() -> None:
     install = readme_section("Install (cluster admins)")
     assert "kubectl apply -f deploy/daemonset.yaml" in install
-    assert "kubectl delete -f deploy/daemonset.yaml" in install
     assert "csinode" in install.lower() and "rollout status" in install
+    upgrade = readme_section("Upgrade")
+    assert "rollout status" in upgrade and "rollout undo" in upgrade and "/var/lib/csi-wasm" in upgrade
+    uninstall = readme_section("Uninstall")
+    assert "kubectl delete -f deploy/daemonset.yaml" in uninstall
+    state_dir = flag(DRIVER["args"], "--state-dir")
+    assert f"rm -rf {state_dir}" in uninstall and VOLUMES["plugin-dir"]["hostPath"]["path"] in uninstall
 
 
 def test_readme_usage_table_lists_every_volume_attribute() -> None:
@@ -516,13 +452,6 @@ def test_readme_usage_table_lists_every_volume_attribute() -> None:
     for attribute in KNOWN_ATTRIBUTES:
         assert re.search(rf"^\| `{attribute}` \|", usage, re.M), f"attribute {attribute} missing from the table"
     assert "`plugin.wasm`" in usage and "`IfNotPresent`" in usage and "nodePublishSecretRef" in usage
-
-
-def test_readme_istio_recipe_matches_the_example() -> None:
-    recipe = readme_section("Istio: load a Wasm filter from a file")
-    _, _, mount, plugin = istio_parts()
-    assert "sidecar.istio.io/userVolume" in recipe and "sidecar.istio.io/userVolumeMount" in recipe
-    assert plugin["spec"]["url"] in recipe and mount["mountPath"] in recipe
 
 
 def test_readme_troubleshooting_explains_every_status_the_driver_returns() -> None:

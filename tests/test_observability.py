@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import socket
+import subprocess
 import urllib.request
 from dataclasses import replace
 from typing import Iterator
@@ -14,16 +16,18 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from csi_wasm.config import NodeConfig, RegistryHostConfig
+from csi_wasm.config import DriverConfig, NodeConfig, RegistryHostConfig, StoreConfig
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.http import MetricsServer
+from csi_wasm.server import Driver
 
-from conftest import PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
+from conftest import DRIVER_NAME, PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
 ALLOWED_LABELS = {"result", "outcome", "kind", "le"}
 
 
@@ -174,17 +178,52 @@ def test_json_logs_carry_the_event_fields_and_never_secrets(
         assert secret not in output
 
 
-def test_the_dashboard_only_queries_metrics_the_driver_exports(observed: tuple[RunningDriver, str]) -> None:
-    _, base = observed
-    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",), "summary": ("", "_sum", "_count")}  # fmt: skip
-    exported = {f.name + suffix for f in text_string_to_metric_families(text) for suffix in suffixes.get(f.type, ("",))}
-    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
-    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    assert len(expressions) >= 5
-    for expression in expressions:
-        names = set(re.findall(r"\b((?:csi_wasm|process)_[a-z_]+)\b", expression))
-        assert names, expression
-        for name in names:
-            assert name in exported, f"{name} in {expression!r} is not exported"
+def test_readiness_is_a_gauge_that_turns_on_once_state_is_recovered(tmp_path: pathlib.Path) -> None:
+    config = DriverConfig(DRIVER_NAME, "test-node", f"unix://{tmp_path}/csi.sock", tmp_path / "state",
+                          tmp_path / "kubelet", NodeConfig())  # fmt: skip
+    (config.kubelet_dir / "pods").mkdir(parents=True)
+    driver = Driver(config)
+    server = MetricsServer("127.0.0.1", 0, driver.metrics.registry, driver.is_ready).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert _value(_scrape(base), "csi_wasm_ready") == 0  # what the DriverNotReady alert watches
+        driver.recover()
+        assert _value(_scrape(base), "csi_wasm_ready") == 1
+    finally:
+        server.stop()
+        driver.close()
+
+
+def test_store_space_gauges_show_the_floor_the_driver_enforces(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    """The store on a filesystem of its own (a small tmpfs): free space is exact, and crossing the floor is real."""
+    node_fs = tmp_path / "node"
+    node_fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "csi-wasm-test", str(node_fs)], check=True)
+    running = None
+    try:
+        limits = StoreConfig(max_store_bytes=3 * MiB, min_free_bytes=7 * MiB)
+        running = start_driver(node_fs, NodeConfig(store=limits, pull=fast_pull_config()).with_insecure([registry.host]))
+        server = MetricsServer("127.0.0.1", 0, running.driver.metrics.registry, running.driver.is_ready).start()
+        base = f"http://127.0.0.1:{server.port}"
+        big = pusher.wasm_artifact("metrics/space", "v1", make_module(2 * MiB, "metrics-space"))
+        with pytest.raises(grpc.RpcError) as refused:
+            running.kubelet.mount(running.volume(big.reference))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        before = os.statvfs(running.config.state_dir)
+        samples = _scrape(base)
+        after = os.statvfs(running.config.state_dir)
+        server.stop()
+        assert before.f_bavail == after.f_bavail  # nothing wrote in between: the free space is exact
+        free = before.f_bavail * before.f_frsize
+        assert _value(samples, "csi_wasm_store_filesystem_free_bytes") == free
+        assert _value(samples, "csi_wasm_store_min_free_bytes") == 7 * MiB
+        assert _value(samples, "csi_wasm_store_max_bytes") == 3 * MiB
+        # the conditions the store alerts compare: under 1 GiB above the floor, and a publish refused for it
+        assert free - 7 * MiB < 1024 * MiB
+        assert _value(samples, "csi_wasm_publish_total", result="resource_exhausted") == 1
+    finally:
+        if running is not None:
+            stop_driver(running)
+        subprocess.run(["umount", "-l", str(node_fs)], check=True)
