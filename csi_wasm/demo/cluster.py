@@ -52,12 +52,14 @@ class SimulatedNode:
         node_config: Mapping[str, Any],
         launcher: Sequence[str] | None = None,
         log_level: str = "info",
+        log_format: str = "text",
     ) -> None:
         self.name = name
         self.workdir = workdir
         self.node_config = dict(node_config)
         self.launcher = list(launcher or [sys.executable, "-m", "csi_wasm"])
         self.log_level = log_level
+        self.log_format = log_format
         self.socket_path = workdir / "csi" / "csi.sock"
         self.state_dir = workdir / "state"
         self.kubelet_dir = workdir / "kubelet"
@@ -74,7 +76,7 @@ class SimulatedNode:
 
     def command(self) -> list[str]:
         return [
-            *self.launcher, "--log-level", self.log_level, "serve",
+            *self.launcher, "--log-level", self.log_level, "--log-format", self.log_format, "serve",
             "--endpoint", f"unix://{self.socket_path}",
             "--node-id", self.name,
             "--driver-name", DRIVER_NAME,
