@@ -277,6 +277,8 @@ def burst_one(bench: Bench, driver: DriverProcess, client: Client, pushed: Pushe
     calls_wanted = bench.plan.burst_calls
     repo = repo_of(pushed)
     gets_before = bench.registry.blob_gets(repo, pushed.layer_digest)
+    manifest_pattern = rf"method=GET .*uri=\"?/v2/{repo}/manifests/"
+    manifests_before = bench.registry.requests_matching(manifest_pattern)
     volumes = [client.volume(pushed.reference) for _ in range(calls_wanted)]
     requests = [client.publish_request(volume) for volume in volumes]
     rss_before = driver.reset_peak()
@@ -291,7 +293,7 @@ def burst_one(bench: Bench, driver: DriverProcess, client: Client, pushed: Pushe
     wall = max(finished) - started
     rss_growth = driver.status_kib("VmHWM") - rss_before
     gets = bench.wait_for_blob_gets(repo, pushed.layer_digest, gets_before + 1) - gets_before
-    manifest_gets = bench.registry.requests_matching(rf"method=GET .*uri=\"?/v2/{repo}/manifests/")
+    manifest_gets = bench.registry.requests_matching(manifest_pattern) - manifests_before
     inodes = {os.stat(client.kubelet.target_path(v) / "plugin.wasm").st_ino for v in volumes} if not failures else set()
     for volume in volumes:
         client.unpublish(volume)
