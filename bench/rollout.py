@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pods", type=int, default=8, help="pods per node that switch to v2 (default: 8)")
     parser.add_argument("--mib", type=float, default=1.0, help="module size in MiB (default: 1)")
     parser.add_argument("--variants", default="direct,mirror,mirror-canary",
-                        help="any of direct, mirror, mirror-canary (default: all three)")
+                        help="any of direct, mirror, mirror-canary, storm (default: the first three)")
     parser.add_argument("--no-per-proxy", action="store_true", help="skip the per-proxy design")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/rollout"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (driver logs)")

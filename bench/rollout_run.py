@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import pathlib
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,24 +48,35 @@ class PodResult:
     error: str = ""
 
 
+STORM_RETRY_AFTER_S = 2
+
+
 def csi_wasm(setup: Setup, node_count: int, variant: str) -> dict[str, Any]:
-    """The driver's design: N nodes, one store each, P pods per node switch to v2 at once."""
+    """The driver's design: N nodes, one store each, P pods per node switch to v2 at once.
+
+    ``storm``: the registry answers the first manifest request of every node with 429 and
+    ``Retry-After`` (a fault proxy in front of it), and the run reports when the retries came.
+    """
     name = f"{node_count}-{variant}"
     workdir = setup.workdir / name
     mirror = None
     if variant in ("mirror", "mirror-canary"):
         mirror = LocalRegistry(workdir / "mirror", proxy_remote=f"http://{setup.upstream.host}").start()
-    config = mirrored_registry_config(setup.upstream.host, [mirror.host] if mirror else [])
+    storm = _storm_proxy(setup, node_count) if variant == "storm" else None
+    host = storm.host if storm else setup.upstream.host
+    config = mirrored_registry_config(host, [mirror.host] if mirror else [])
     nodes = [SimulatedNode(f"node-{i}", workdir / f"node-{i}", config, log_format="json") for i in range(node_count)]
     log = RegistryLog(setup.upstream)
     try:
         startup = start_nodes(nodes, timeout=300.0)
         v1 = setup.push(f"v1-{name}")
-        old = _switch(nodes, f"{setup.upstream.host}/{REPOSITORY}:v1-{name}", setup.pods_per_node)
+        old = _switch(nodes, f"{host}/{REPOSITORY}:v1-{name}", setup.pods_per_node)
         v2 = setup.push(f"v2-{name}")
         log.settle()
         mark = log.mark()
-        image = f"{setup.upstream.host}/{REPOSITORY}:v2-{name}"
+        image = f"{host}/{REPOSITORY}:v2-{name}"
+        if storm:
+            storm.arm()
         started = time.perf_counter()
         canary = _canary(nodes[0], image) if variant == "mirror-canary" else []
         new = canary + _switch(nodes, image, setup.pods_per_node)
@@ -73,14 +85,19 @@ def csi_wasm(setup: Setup, node_count: int, variant: str) -> dict[str, Any]:
         upstream = tally(log.since(mark))
         downloads = [_downloads(node, v2.module_digest) for node in nodes]
         _unpublish_all(nodes, old + new)
+        retries = _storm_timing(storm, f"v2-{name}", node_count) if storm else None
     finally:
         stop_nodes(nodes)
         if mirror is not None:
             mirror.stop()
+        if storm is not None:
+            storm.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     results = [result for _, _, result in new]
-    design = {"direct": "csi-wasm", "mirror": "csi-wasm + mirror", "mirror-canary": "csi-wasm + mirror, canary first"}
+    design = {"direct": "csi-wasm", "mirror": "csi-wasm + mirror", "mirror-canary": "csi-wasm + mirror, canary first",
+              "storm": f"csi-wasm, 429 Retry-After {STORM_RETRY_AFTER_S} s"}  # fmt: skip
     return _summary(design[variant], node_count, setup, results, wall) | {
+        "storm": retries,
         "upstream": upstream,
         "downloads_per_node": downloads,
         "startup_s": startup,
@@ -160,6 +177,55 @@ def _switch(nodes: list[SimulatedNode], image: str, per_node: int) -> list[Publi
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(work)) as pool:
         results = list(pool.map(one, work))
     return [(node, volume, result) for (node, volume), result in zip(work, results)]
+
+
+@dataclass
+class _Storm:
+    """A fault proxy in front of the upstream (tests/faultproxy.py, as tools/soak.py uses it) that answers
+    the first manifest request of every node with 429 and Retry-After, once armed."""
+
+    proxy: Any
+    node_count: int
+    fault: Any  # faultproxy.status(429, ...)
+
+    @property
+    def host(self) -> str:
+        return str(self.proxy.host)
+
+    def arm(self) -> None:
+        self.proxy.add(r"^GET /v2/.*/manifests/v2-", self.fault, times=self.node_count)
+
+    def seen(self, pattern: str) -> list[Any]:
+        return list(self.proxy.seen(pattern))
+
+    def stop(self) -> None:
+        self.proxy.stop()
+
+
+def _storm_proxy(setup: Setup, node_count: int) -> _Storm:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    import faultproxy  # type: ignore[import-not-found]  # tests/ is on the path now
+
+    fault = faultproxy.status(429, {"Retry-After": str(STORM_RETRY_AFTER_S)})
+    return _Storm(faultproxy.FaultProxy(setup.upstream.host).start(), node_count, fault)
+
+
+def _storm_timing(proxy: _Storm, tag: str, node_count: int) -> dict[str, Any]:
+    """When the 429s went out and when the retries came: the herd's width before and after."""
+    asked = [seen.at for seen in proxy.seen(rf"^GET /v2/.*/manifests/{tag}")]
+    refused, retried = asked[:node_count], asked[node_count:]
+    if not refused or not retried:
+        return {"refused": len(refused), "retried": len(retried)}
+    return {
+        "retry_after_s": STORM_RETRY_AFTER_S,
+        "refused": len(refused),
+        "retried": len(retried),
+        "refused_spread_s": max(refused) - min(refused),
+        "retry_spread_s": max(retried) - min(retried),
+        "first_retry_after_first_429_s": min(retried) - min(refused),
+        "first_retry_after_last_429_s": min(retried) - max(refused),
+        "retry_offsets_s": sorted(t - min(refused) for t in retried),
+    }
 
 
 def _canary(node: SimulatedNode, image: str) -> list[Published]:
