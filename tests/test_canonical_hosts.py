@@ -27,7 +27,7 @@ from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import InvalidRequest
 from csi_wasm.policy import ImagePolicy
-from csi_wasm.reference import InvalidHost, canonical_host, parse_reference
+from csi_wasm.reference import InvalidHost, Reference, canonical_host, parse_reference
 from csi_wasm.signatures import SignatureVerifier
 from test_signatures import push_signature
 
@@ -55,6 +55,7 @@ def test_hosts_that_are_not_hosts_are_refused(bad: str) -> None:
 def test_every_spelling_of_a_host_meets_the_same_rules(image: str, tmp_path: pathlib.Path) -> None:
     ref = parse_reference(image)
     assert ref.registry == "ghcr.io" and str(ref) == "ghcr.io/org/f:v1"
+    assert Reference(image.split("/")[0], "org/f", "v1") == ref  # however a reference is made
     config = parse_node_config({"registries": {"GHCR.IO:443": {"require_signature": True, "cosign_public_key": "/k",
                                                                "mirrors": ["Mirror.Example:443"]}},
                                 "allowed_images": ["GHCR.io:443/org/*"]})  # fmt: skip
@@ -136,9 +137,9 @@ def strict_csi(
     registry, cert = localhost_registry
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
     port = registry.host.rsplit(":", 1)[1]
-    # the admin wrote the rule for localhost:<port>; pods may spell it any way they like
+    # the admin wrote the rule for Localhost:<port>; pods may spell it any way they like
     config = RegistryHostConfig(ca_bundle=str(cert), require_signature=True, cosign_public_key=str(signing[1]))
-    node = NodeConfig(registries={f"localhost:{port}": config}, pull=fast_pull_config(),
+    node = NodeConfig(registries={f"Localhost:{port}": config}, pull=fast_pull_config(),
                       allowed_private_networks=("127.0.0.0/8",))  # fmt: skip
     running = start_driver(tmp_path, node)
     yield running

@@ -28,6 +28,7 @@ import requests
 import faultproxy as fp
 from conftest import RunningDriver, fast_pull_config, start_driver, stop_driver, wait_for
 from csi_wasm import layouts
+from csi_wasm.access import MAX_ORIGINS, MAX_PROOFS, AccessRecords, ModuleAccess, Origin, ProofCache
 from csi_wasm.config import NodeConfig, RegistryHostConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.demo.kubelet import InlineVolume
@@ -521,3 +522,47 @@ def test_the_private_module_access_cache_expires(tmp_path: pathlib.Path, setup: 
         assert setup.proxy.count(by_digest) > asked  # expired: asked again
     finally:
         puller.close()
+
+
+# -- the records themselves ----------------------------------------------------------------------------------
+
+
+def test_a_record_that_is_not_ours_counts_as_unknown(tmp_path: pathlib.Path) -> None:
+    records = AccessRecords(tmp_path / "access")
+    digest = sha256_digest(b"some module")
+    path = tmp_path / "access" / f"{digest.removeprefix('sha256:')}.json"
+    origin = Origin("r.example", "team/x")
+    for text in ("not json", "[]", json.dumps({"digest": "sha256:" + "0" * 64, "public": True, "private_at": []}),
+                 json.dumps({"digest": digest, "public": "yes", "private_at": []}),
+                 json.dumps({"digest": digest, "public": False, "private_at": [["r.example", "team/x"]]})):  # fmt: skip
+        path.write_text(text)
+        assert AccessRecords(tmp_path / "access").get(digest) is None, text
+    records.record(digest, origin, private=True)
+    assert AccessRecords(tmp_path / "access").get(digest) == ModuleAccess(digest, False, (origin,))
+
+
+def test_records_and_proofs_are_bounded() -> None:
+    access = ModuleAccess("sha256:" + "a" * 64)
+    for number in range(MAX_ORIGINS + 5):
+        access = access.served(Origin("r.example", f"repo{number}"), private=True)
+    assert len(access.private_at) == MAX_ORIGINS and access.private_at[-1].repository == f"repo{MAX_ORIGINS + 4}"
+    assert access.served(Origin("r.example", "repo5"), private=False).public
+    clock = Clock()
+    proofs = ProofCache(60.0, clock)
+    for number in range(MAX_PROOFS + 10):
+        proofs.remember(Credentials(f"user{number}", "p"), Origin("r.example", "x"), "sha256:" + "b" * 64)
+    assert len(proofs._until) == MAX_PROOFS  # noqa: SLF001 - the bound is the point
+    assert proofs.fresh(Credentials(f"user{MAX_PROOFS + 9}", "p"), Origin("r.example", "x"), "sha256:" + "b" * 64)
+    assert not proofs.fresh(Credentials("user0", "p"), Origin("r.example", "x"), "sha256:" + "b" * 64)
+
+
+def test_removing_a_module_removes_its_record(tmp_path: pathlib.Path) -> None:
+    store = ModuleStore(tmp_path / "store")
+    module = make_module(2000, "removed")
+    with store.ingest("r.example/x:v1", 1 << 20) as ingest:
+        ingest.write(module)
+        stored = ingest.commit(expected_digest=None)
+    AccessRecords(store.access_dir).record(stored.digest, Origin("r.example", "x"), private=True)
+    assert len(list(store.access_dir.iterdir())) == 1
+    store.remove(stored.digest)
+    assert list(store.access_dir.iterdir()) == [] and AccessRecords(store.access_dir).get(stored.digest) is None

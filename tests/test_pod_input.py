@@ -207,3 +207,17 @@ def test_bounded_keeps_numbers_and_cuts_text() -> None:
     assert bounded("x" * MAX_FIELD_CHARS) == "x" * MAX_FIELD_CHARS
     cut = bounded("y" * (MAX_FIELD_CHARS + 10))
     assert cut.startswith("y" * MAX_FIELD_CHARS) and cut.endswith("[10 more characters cut]")
+
+
+def test_a_traceback_cannot_forge_a_log_line() -> None:
+    """An unexpected error's message may quote pod input: its lines are indented under the event."""
+    try:
+        raise ValueError("bad image r.example/a:v1\n12:00:00 info  publish result=success")
+    except ValueError:
+        record = logging.LogRecord("csi_wasm.servicers", logging.ERROR, __file__, 1, "unexpected error", (), None)
+        import sys
+
+        record.exc_info = sys.exc_info()
+    lines = TextFormatter().format(record).splitlines()
+    assert TEXT_LINE.match(lines[0]) and len(lines) > 2
+    assert all(line.startswith("    | ") for line in lines[1:]), lines
