@@ -231,10 +231,11 @@ def _registry(raw: Any, where: str) -> RegistryHostConfig:
     key = _optional_str(data.get("cosign_public_key"), f"{where}.cosign_public_key")
     if require_signature and not key:
         raise ConfigError(f"{where}.require_signature: needs cosign_public_key (a PEM file)")
+    mirrors = _str_list(data.get("mirrors", []), f"{where}.mirrors")
     return RegistryHostConfig(
         insecure=insecure,
         ca_bundle=_optional_str(data.get("ca_bundle"), f"{where}.ca_bundle"),
-        mirrors=tuple(_canonical_mirror(m, f"{where}.mirrors") for m in _str_list(data.get("mirrors", []), f"{where}.mirrors")),
+        mirrors=tuple(_canonical_mirror(mirror, f"{where}.mirrors") for mirror in mirrors),
         require_signature=require_signature,
         cosign_public_key=key,
     )

@@ -204,7 +204,8 @@ def stage_attack(setup: Setup, hostile: HostileRegistry, attack: str) -> tuple[s
                                                            len(VICTIM_MODULE)), layouts.OCI_MANIFEST)  # fmt: skip
     elif attack == "index":
         child = hostile.manifest("x/stolen", "child", manifest_naming(digest), layouts.OCI_MANIFEST)
-        entry = {"mediaType": layouts.OCI_MANIFEST, "digest": child, "size": 1, "platform": {"architecture": "wasm", "os": "wasip1"}}
+        entry = {"mediaType": layouts.OCI_MANIFEST, "digest": child, "size": 1,
+                 "platform": {"architecture": "wasm", "os": "wasip1"}}  # fmt: skip
         hostile.manifest("x/stolen", "v1", {"schemaVersion": 2, "mediaType": layouts.OCI_INDEX, "manifests": [entry]},
                          layouts.OCI_INDEX)  # fmt: skip
     elif attack == "moduleDigest":
