@@ -3,8 +3,13 @@
 ``Puller.ensure`` is what a publish calls. It answers from the store when it can
 (pinned digest already stored, or a tag resolved within ``tag_cache_seconds``) so
 the hot path makes no network call, and otherwise pulls. Downloads are
-single-flight per layer digest and run on their own bounded pool, so a download
-outlives the gRPC call that started it and kubelet's retry joins it.
+single-flight per layer digest and origin and run on their own bounded pool, so a
+download outlives the gRPC call that started it and kubelet's retry joins it.
+
+A module already in the store is handed to a pod only under the access rule of
+``csi_wasm.access`` (applied in ``_from_store``, at the ``known`` shortcut of
+``_pull``, at the stored-layer shortcut of ``_download`` and when joining a flight),
+always before any byte is mounted.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from csi_wasm.access import AccessRecords, AccessRule, Decision, ProofCache
 from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import (
@@ -108,7 +114,7 @@ class Puller:
         self._auth_cache_seconds = auth_cache_seconds
         self._clock = clock
         self._tags: dict[str, _TagEntry] = {}
-        self._authorized: dict[tuple[str, str, str], float] = {}
+        self._access = AccessRule(AccessRecords(store.access_dir), ProofCache(auth_cache_seconds, clock))
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
         self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -142,7 +148,7 @@ class Puller:
         raise RegistryError(f"image {request.ref}: the module keeps leaving the store (store cap too small?)")
 
     def ensure(self, request: ModuleRequest, deadline: float | None = None) -> ResolvedModule:
-        cached = self._from_store(request)
+        cached = self._from_store(request, deadline)
         if cached is not None:
             self._metrics.cache_lookups.labels("hit").inc()
             return self._checked(request, cached)
@@ -170,7 +176,7 @@ class Puller:
 
     # -- answering from the store ----------------------------------------
 
-    def _from_store(self, request: ModuleRequest) -> ResolvedModule | None:
+    def _from_store(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule | None:
         ref = request.ref
         if ref.digest is not None:
             manifest_digest: str | None = ref.digest
@@ -183,8 +189,8 @@ class Puller:
         entry = self._store.manifest(manifest_digest)
         if entry is None or not self._store.has(entry.module_digest):
             return None
-        if entry.needs_auth:
-            self._authorize(request, entry)
+        if not self._may_share_stored(request, entry, deadline):
+            return None  # pull the reference: the pod's registry must serve the bytes
         if not self._signatures.is_verified(ref, entry.manifest_digest):
             if request.policy is not PullPolicy.NEVER:
                 return None  # resolve and verify through the registry; a stored module is not downloaded again
@@ -206,22 +212,37 @@ class Puller:
             return None
         return entry.manifest_digest
 
-    def _authorize(self, request: ModuleRequest, entry: ManifestEntry) -> None:
-        """A private module is on the node: prove this pod may read it before sharing it."""
-        ref, creds = request.ref, request.credentials
-        if creds is None:
+    def _may_share_stored(self, request: ModuleRequest, entry: ManifestEntry, deadline: float | None) -> bool:
+        """The access rule (csi_wasm.access) for a stored module reached through the pod's reference alone.
+
+        True: hand it over. False: pull the reference instead (rule 3). Raises when refused.
+        """
+        ref, creds, module = request.ref, request.credentials, entry.module_digest
+        decision = self._access.before_network(module, ref, creds)
+        if decision is Decision.SHARE:
+            return True
+        never = request.policy is PullPolicy.NEVER
+        if decision is Decision.PROVE_POSSESSION:
+            if never:
+                raise ModuleNotFound(
+                    f"image {ref}: no copy on this node that this reference may use, and pullPolicy is Never "
+                    "(a module pulled through another registry or repository is shared only once this one "
+                    "serves it); use IfNotPresent"
+                )
+            return False
+        if never:
             raise AccessDenied(
-                f"image {ref} is private; this pod sent no credentials (set nodePublishSecretRef on the volume)"
+                f"image {ref} is private and this pod's access was not checked within the last "
+                f"{self._auth_cache_seconds:.0f} s; pullPolicy Never forbids asking the registry (use IfNotPresent)"
             )
-        key = (creds.fingerprint, ref.name, entry.manifest_digest)
-        with self._lock:
-            until = self._authorized.get(key, 0.0)
-        if until > self._clock():
-            return
-        if request.policy is PullPolicy.NEVER:
-            raise AccessDenied(f"image {ref} is private and pullPolicy Never forbids checking access")
-        self._client.fetch_manifest(ref, creds, key=entry.manifest_digest)
-        self._remember_authorized(creds, ref, entry.manifest_digest)
+        try:
+            # the registry that served the module as private vouches for this pod's credentials, or refuses
+            # (PERMISSION_DENIED); a registry error is UNAVAILABLE: never a reason to hand the module over
+            self._client.fetch_manifest(ref, creds, key=entry.manifest_digest, deadline=deadline)
+        except ModuleNotFound:
+            return False  # the origin no longer has that manifest: resolve the reference afresh
+        self._access.vouched(module, ref, creds)
+        return True
 
     def _remember_tag(self, ref: Reference, manifest_digest: str) -> None:
         now = self._clock()
@@ -230,14 +251,6 @@ class Puller:
             self._tags[str(ref)] = _TagEntry(manifest_digest, now)
         if previous is None or previous.manifest_digest != manifest_digest:
             self._store.remember_tag(str(ref), manifest_digest, now)
-
-    def _remember_authorized(self, creds: Credentials | None, ref: Reference, manifest_digest: str) -> None:
-        if creds is None:
-            return
-        with self._lock:
-            self._authorized[(creds.fingerprint, ref.name, manifest_digest)] = (
-                self._clock() + self._auth_cache_seconds
-            )
 
     # -- pulling ---------------------------------------------------------
 
@@ -251,13 +264,18 @@ class Puller:
             self._signatures.vouch(ref, manifest.digest)
         if ref.digest is None:
             self._remember_tag(ref, manifest.digest)
-        if manifest.used_credentials:
-            self._remember_authorized(creds, ref, manifest.digest)
         known = self._store.manifest(manifest.digest)
-        if known is not None and self._store.has(known.module_digest):
+        if (
+            known is not None
+            and self._store.has(known.module_digest)
+            and self._access.after_fetch(known.module_digest, ref, creds)
+        ):
             return ResolvedModule(known.module_digest, known.size, known.manifest_digest, known.layout, True)
         layer = select_module_layer(str(ref), manifest.media_type, manifest.body)
-        stored = self._download(ref, layer, creds, deadline)
+        # a manifest served without credentials is public: fetch its module the same way, so that
+        # "public" in the access record means the bytes were served to anyone
+        stored = self._download(ref, layer, creds if manifest.used_credentials else None, deadline)
+        self._access.vouched(stored.digest, ref, creds)  # its own origin served it (rule 2 or 3)
         if self._store.manifest(manifest.digest) is None:  # every caller that joined the download gets here
             self._store.remember_manifest(
                 ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
@@ -267,32 +285,34 @@ class Puller:
     def _download(
         self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None
     ) -> StoredModule:
-        if layer.packaging == "raw":
-            existing = self._store.stat(layer.digest)
-            if existing is not None:
-                return existing
+        existing = self._shareable_copy(ref, layer, creds)
+        if existing is not None:
+            return existing
         if layer.size > self._layer_cap(layer):
             raise TooLarge(
                 f"image {ref}: module layer is {layer.size} bytes, over the node's limit of "
                 f"{self._config.max_module_bytes}"
             )
+        # Flights are per origin: joining one shares a download from the registry and repository this
+        # publish just fetched its manifest from (rule 2 of csi_wasm.access), never another pod's.
+        key = f"{layer.digest} {ref.registry}/{ref.repository}"
         with self._lock:
-            flight = self._flights.get(layer.digest)
-            if flight is None and layer.packaging == "raw":
+            flight = self._flights.get(key)
+            if flight is None:
                 # a download may have landed since the check above: never fetch the same blob twice
-                existing = self._store.stat(layer.digest)
+                existing = self._shareable_copy(ref, layer, creds)
                 if existing is not None:
                     return existing
             started = flight is None
             if flight is None:
-                flight = self._pool.submit(self._run_download, ref, layer, creds)
-                self._flights[layer.digest] = flight
+                flight = self._pool.submit(self._download_from_origin, ref, layer, creds)
+                self._flights[key] = flight
             else:
                 self._metrics.pull_joins.inc()
         if started:
             # outside the lock: a download that already finished (a fast failure) runs the callback
             # right here, and _land takes the lock (it deadlocked under load: found by test_faults)
-            flight.add_done_callback(functools.partial(self._land, layer.digest))
+            flight.add_done_callback(functools.partial(self._land, key))
         # a publish waits for the download until its deadline, but never longer than max_wait_seconds:
         # a registry that drips bytes just under the read timeout gets an answer well inside kubelet's 2 min
         timeout = (
@@ -305,6 +325,20 @@ class Puller:
                 f"image {ref}: download still running when this call's wait ended; "
                 "it continues and kubelet's retry will use it"
             ) from exc
+
+    def _shareable_copy(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule | None:
+        """The stored copy of a raw layer, if the access rule lets this pod have it without a download."""
+        if layer.packaging != "raw":
+            return None
+        existing = self._store.stat(layer.digest)
+        if existing is None or not self._access.after_fetch(layer.digest, ref, creds):
+            return None
+        return existing
+
+    def _download_from_origin(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
+        stored = self._run_download(ref, layer, creds)
+        self._access.downloaded(stored.digest, ref, creds)  # durable before anyone is handed the module
+        return stored
 
     def _land(self, key: str, flight: object = None) -> None:
         with self._lock:

@@ -8,6 +8,8 @@ Layout under ``<state-dir>/store``::
                                       is served from the store without the network
     tags/<sha256 of reference>.json   last manifest digest a tag resolved to (for pullPolicy Never
                                       after a restart or a `csi-wasm pull`)
+    access/<hex>.json                 who may be handed the module (csi_wasm.access owns these;
+                                      removed with the module)
     tmp/                              downloads in progress; swept at start
     quarantine/                       modules `csi-wasm store verify` found corrupt
 
@@ -158,6 +160,7 @@ class ModuleStore:
         self.tmp_dir = root / "tmp"
         self.tags_dir = root / "tags"
         self.quarantine_dir = root / "quarantine"
+        self.access_dir = root / "access"  # written by csi_wasm.access.AccessRecords
         self._min_free_bytes = min_free_bytes
         self._manifests: dict[str, ManifestEntry] = {}  # dict get/set are atomic under the GIL
         self._lock = threading.Lock()
@@ -242,6 +245,7 @@ class ModuleStore:
         self._remove_views(digest)
         self.module_path(digest).unlink(missing_ok=True)
         fsync_dir(self.modules_dir)
+        (self.access_dir / f"{digest.removeprefix('sha256:')}.json").unlink(missing_ok=True)  # no leaked record
 
     def _remove_views(self, digest: str) -> None:
         view_root = self.views_dir / digest.removeprefix("sha256:")

@@ -283,7 +283,7 @@ def test_compat_layers_never_write_outside_the_store(
     check()
     assert {p for p in sandbox.parent.iterdir()} == before
     assert {p.name for p in sandbox.iterdir()} == {"store"}
-    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins"}
+    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins", "access"}
 
 
 def test_a_gzip_bomb_is_refused_early(tar_puller: tuple[Puller, ModuleStore, pathlib.Path]) -> None:
@@ -411,12 +411,33 @@ def test_known_attacks_are_refused_precisely(
         assert not any(planted.iterdir()) and not os.path.exists("/etc/mount"), name
         assert not (hostile_csi.driver.pods_dir / UID / "volumes" / "kubernetes.io~csi" / "vol" / "mount").exists()
     assert dialled == []
-    assert all(m.mount_point.startswith(str(hostile_csi.config.kubelet_dir)) is False
-               for m in LinuxMounter().mounts() if "fake-etc" in m.mount_point)  # fmt: skip
+    assert _mounts_at_or_under(planted) == [] and "/etc/mount" not in [m.mount_point for m in LinuxMounter().mounts()]
     # and after all that, a good publish still works
     good = InlineVolume(new_pod_uid(), "p", "default", "wasm", {"image": hostile_image})
     assert (hostile_csi.kubelet.mount(good) / "plugin.wasm").read_bytes() == MODULE
     hostile_csi.kubelet.unmount(good)
+
+
+def _mounts_at_or_under(directory: pathlib.Path) -> list[str]:
+    """Mount points at ``directory`` or inside it (a publish that followed a planted symlink lands there)."""
+    root = os.path.realpath(directory)
+    return [m.mount_point for m in LinuxMounter().mounts()
+            if m.mount_point == root or m.mount_point.startswith(root + "/")]  # fmt: skip
+
+
+def test_the_planted_directory_check_sees_a_mount_there(planted: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The check above can fail: a bind mount inside the planted directory is reported."""
+    source, target = tmp_path / "source", planted / "mount"
+    source.mkdir()
+    target.mkdir()
+    mounter = LinuxMounter()
+    mounter.bind_read_only(source, target)
+    try:
+        assert _mounts_at_or_under(planted) == [str(target)]
+    finally:
+        mounter.unmount(target)
+        target.rmdir()
+    assert _mounts_at_or_under(planted) == []
 
 
 @pytest.mark.parametrize("volume_id", ["x" * 100_000, "id\0with-nul", "../../../etc", "é\u202e", " ", "a/b"])
