@@ -14,7 +14,7 @@ import grpc
 from csi_wasm._gen import csi_pb2_grpc
 from csi_wasm.config import DriverConfig, UsageError
 from csi_wasm.credentials import Keychain, load_docker_config
-from csi_wasm.endpoint import BoundSocket, clear_stale_socket, private_name, sweep_private_names
+from csi_wasm.endpoint import SocketBinding, clear_stale_socket, sweep_stale_bindings
 from csi_wasm.errors import DriverError
 from csi_wasm.gc import GarbageCollector
 from csi_wasm.logs import event
@@ -141,15 +141,16 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
     try:
         socket_path = pathlib.Path(driver.config.socket_path)
         clear_stale_socket(socket_path)
-        sweep_private_names(socket_path)
+        sweep_stale_bindings(socket_path)
         server = driver.grpc_server()
-        staging = private_name(socket_path)
+        binding = SocketBinding(socket_path)
         try:
-            server.add_insecure_port(f"unix://{staging}")
+            server.add_insecure_port(binding.address)
         except RuntimeError as exc:
+            binding.close()
             raise UsageError(f"--endpoint unix://{socket_path}: cannot listen there ({exc})") from exc
         server.start()
-        bound = BoundSocket.rename_onto(staging, socket_path)
+        binding.publish()
         event(log, "serving", endpoint=str(socket_path), driver=driver.config.driver_name, node_id=driver.config.node_id)
         try:
             driver.recover()
@@ -160,7 +161,7 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
         finally:
             event(log, "stopping", grace_seconds=STOP_GRACE_SECONDS)
             server.stop(STOP_GRACE_SECONDS).wait()
-            bound.remove()  # before the lock goes: a successor binds only once it holds the lock
+            binding.close()  # before the lock goes: a successor binds only once it holds the lock
             driver.close()
             event(log, "stopped")
     finally:

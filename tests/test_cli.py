@@ -216,6 +216,21 @@ def test_a_driver_never_removes_a_socket_it_no_longer_owns(node: pathlib.Path) -
             second.terminate()
 
 
+def test_an_endpoint_of_the_longest_socket_path_serves_and_a_longer_one_is_one_line(node: pathlib.Path) -> None:
+    prefix = f"{node}/plugins/"
+    deep = pathlib.Path(prefix + "d" * (107 - len(prefix) - len("/csi.sock")))
+    deep.mkdir(parents=True)
+    sock = deep / "csi.sock"
+    assert len(bytes(sock)) == 107
+    args = serve_args(node)
+    args[args.index("--endpoint") + 1] = f"unix://{sock}"
+    with Driver(args, sock) as driver:
+        assert driver.wait_ready() == "node-a"
+        assert driver.terminate() == 0
+    args[args.index("--endpoint") + 1] = f"unix://{deep}/csi.sock2"
+    one_line_error(run(*args), "108 bytes", "at most 107")
+
+
 # -- one driver per state dir, and the hand-over --------------------------------------------------
 
 
