@@ -283,7 +283,7 @@ def test_compat_layers_never_write_outside_the_store(
     check()
     assert {p for p in sandbox.parent.iterdir()} == before
     assert {p.name for p in sandbox.iterdir()} == {"store"}
-    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins"}
+    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins", "seals"}
 
 
 def test_a_gzip_bomb_is_refused_early(tar_puller: tuple[Puller, ModuleStore, pathlib.Path]) -> None:
