@@ -206,19 +206,19 @@ class StagedBinder:
 
     @staticmethod
     def _prepare(staging: pathlib.Path) -> None:
-        """Make ``staging`` a private mount of its own, and clear what a killed predecessor left in it."""
+        """Clear what a killed predecessor left in ``staging`` (once per process, before the first use),
+        then make it a private mount of its own."""
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        inside = f"{staging.resolve()}/"
+        while leftovers := sorted({e.mount_point for e in read_mountinfo() if e.mount_point.startswith(inside)}):
+            for point in reversed(leftovers):  # deepest first
+                _umount(point, MNT_DETACH | UMOUNT_NOFOLLOW, pathlib.Path(point))
+        for leftover in staging.iterdir():
+            leftover.rmdir()
         holder = mount_holding(staging)
         if holder is None or holder.mount_point != str(staging.resolve()):
             _mount(bytes(staging), staging, syscalls.MS_BIND, "bind of the staging directory onto itself")
         _mount(None, staging, MS_PRIVATE, "making the staging directory private")
-        for leftover in staging.iterdir():
-            try:
-                syscalls.umount2(bytes(leftover), MNT_DETACH | UMOUNT_NOFOLLOW)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: not a mount point, just a directory
-                    raise MountError(f"clearing the staging point {leftover} failed: {exc.strerror}") from exc
-            leftover.rmdir()
 
 
 def _require_read_only(flags: int, same_file: bool, source: pathlib.Path) -> None:

@@ -26,13 +26,13 @@ from csi_wasm.credentials import Credentials, Keychain, keychain_from_secrets
 from csi_wasm.errors import DigestMismatch, DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
 from csi_wasm.integrity import ModuleIntegrity
 from csi_wasm.metrics import Metrics
-from csi_wasm.mounts import REQUIRED_OPTIONS, Mounter
+from csi_wasm.mounts import REQUIRED_OPTIONS, MountEntry, Mounter
 from csi_wasm.policy import ImagePolicy
 from csi_wasm.pins import Pins
 from csi_wasm.pull import ModuleRequest, PullPolicy, Puller, ResolvedModule
 from csi_wasm.records import RecordStore, VolumeRecord
 from csi_wasm.reference import is_sha256_digest, parse_reference
-from csi_wasm.store import ModuleStore, validate_file_name
+from csi_wasm.store import ModuleStore, names_view, validate_file_name
 from csi_wasm.targets import MAX_PATH_BYTES, Target, Targets
 
 
@@ -204,6 +204,7 @@ class Publisher:
     def _mount_and_record(
         self, request: PublishRequest, spec: VolumeSpec, module: ResolvedModule, view: pathlib.Path, target: Target
     ) -> None:
+        target.check_in_place()
         created = target.make()
         try:
             self._mounter.bind_read_only(view, target)
@@ -264,10 +265,16 @@ class Publisher:
             if target.remove():
                 return
             mounted = self._mounter.mount_at(target.path)  # something else is mounted on it
-            if mounted is None or self._store.view_of(mounted.root, target.path) is None:
+            if mounted is None or not self._ours(mounted, target, record):
                 raise InvalidRequest(f"target {target.path} is a mount this driver did not make; refusing to unmount it")
             self._mounter.unmount(target)
         raise MountError(f"target {target.path}: more than {MAX_STACKED_MOUNTS} mounts stacked on it; left in place")
+
+    def _ours(self, mounted: MountEntry, target: Target, record: VolumeRecord | None) -> bool:
+        """A bind of one of our views; or of the record's view since removed (its module quarantined)."""
+        if self._store.view_of(mounted.root, target.path) is not None:
+            return True
+        return record is not None and names_view(mounted.root, record.module_digest, record.file_name)
 
     def _view_identity(self, record: VolumeRecord | None) -> tuple[int, int] | None:
         if record is None:

@@ -38,7 +38,7 @@ from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import REQUIRED_OPTIONS, MountEntry, Mounter, top_mounts
 from csi_wasm.records import RecordStore, VolumeRecord
-from csi_wasm.store import ModuleStore
+from csi_wasm.store import ModuleStore, names_view
 from csi_wasm.targets import Targets
 
 log = logging.getLogger("csi_wasm.recovery")
@@ -74,9 +74,10 @@ def recover(
     for path in unreadable:
         event(log, "repair.unreadable_record", logging.WARNING, file=str(path))
         path.unlink(missing_ok=True)
-    ours = our_mounts(store, mounter.mounts(), targets.pods_dir)
+    tops = {p: e for p, e in top_mounts(mounter.mounts()).items() if p.startswith(f"{targets.pods_dir}/")}
+    ours = our_mounts(store, tops)
     covered, tampered = _secure_writable(store, records, mounter, targets, ours)
-    dropped = _drop_records_without_mount(records, ours)
+    dropped = _drop_records_without_mount(records, ours, tops)
     adopted = _adopt(records, ours)
     for kind, count in (("temp_file", temp_files), ("unreadable_record", len(unreadable)),
                         ("record_without_mount", dropped), ("adopted_mount", adopted),
@@ -89,13 +90,10 @@ def recover(
     return report
 
 
-def our_mounts(store: ModuleStore, entries: list[MountEntry], pods_dir: pathlib.Path) -> dict[str, OurMount]:
-    """Target -> the mount of ours on top there, for every target under the pods dir."""
-    prefix = f"{pods_dir}/"
+def our_mounts(store: ModuleStore, tops: dict[str, MountEntry]) -> dict[str, OurMount]:
+    """Target -> the mount of ours on top there (of the top mounts given)."""
     found = {}
-    for point, entry in top_mounts(entries).items():
-        if not point.startswith(prefix):
-            continue
+    for point, entry in tops.items():
         view = store.view_of(entry.root, pathlib.Path(point))
         if view is not None:
             found[point] = OurMount(point, view[0], view[1], REQUIRED_OPTIONS <= entry.options)
@@ -155,11 +153,15 @@ def _take_down(mounter: Mounter, targets: Targets, mount: OurMount) -> None:
           action="unmounted: its module failed the digest check and is quarantined")  # fmt: skip
 
 
-def _drop_records_without_mount(records: RecordStore, ours: dict[str, OurMount]) -> int:
+def _drop_records_without_mount(records: RecordStore, ours: dict[str, OurMount], tops: dict[str, MountEntry]) -> int:
+    """Keep a record while its mount is on top at its target: a bind of its view, even a view removed
+    since (a quarantined module's pods keep their mount, and their unpublish needs the record)."""
     dropped = 0
     for record in records.all():
-        mount = ours.get(record.target_path)
+        mount, top = ours.get(record.target_path), tops.get(record.target_path)
         if mount is not None and (mount.digest, mount.file_name) == (record.module_digest, record.file_name):
+            continue
+        if mount is None and top is not None and names_view(top.root, record.module_digest, record.file_name):
             continue
         event(log, "repair.record_without_mount", logging.WARNING, volume_id=record.volume_id,
               target=record.target_path, image=record.image, digest=record.module_digest)  # fmt: skip

@@ -38,6 +38,13 @@ FILE_NAME_MAX = 255
 _VIEW_ROOT = re.compile(r"/views/([0-9a-f]{64})/([^/]+)$")
 
 
+def names_view(mount_root: str, digest: str, file_name: str) -> bool:
+    """True if a mount's root is this view's directory, even one removed since (a quarantined module's
+    views go, the pods that mounted them keep them): how a recorded mount is still known as ours."""
+    match = _VIEW_ROOT.search(mount_root.removesuffix("//deleted"))
+    return match is not None and (f"sha256:{match.group(1)}", match.group(2)) == (digest, file_name)
+
+
 @dataclass(frozen=True)
 class StoredModule:
     digest: str

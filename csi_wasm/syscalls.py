@@ -84,8 +84,8 @@ def _checked(result: int, what: str) -> int:
     return result
 
 
-def mount(source: bytes | None, target: bytes, flags: int) -> None:
-    _checked(libc().mount(source, target, None, flags, None), f"mount({target.decode(errors='replace')})")
+def mount(source: bytes | None, target: bytes, flags: int, fstype: bytes | None = None) -> None:
+    _checked(libc().mount(source, target, fstype, flags, None), f"mount({target.decode(errors='replace')})")
 
 
 def umount2(target: bytes, flags: int) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import pathlib
 import re
 import stat
-from typing import Iterator
+from typing import Callable, Iterator
 
 from csi_wasm import syscalls
 from csi_wasm.errors import DriverError, InvalidRequest, MountError
@@ -38,10 +39,11 @@ class Target:
     at the target to find or remove, and nothing may be created there (kubelet creates the parent).
     """
 
-    def __init__(self, path: pathlib.Path, parent_fd: int | None) -> None:
+    def __init__(self, path: pathlib.Path, parent_fd: int | None, reopen: Callable[[], int | None]) -> None:
         self._path = path
         self._parent_fd = parent_fd
         self._name = path.name
+        self._reopen = reopen
 
     @property
     def path(self) -> pathlib.Path:
@@ -67,6 +69,20 @@ class Target:
     def read_only(self) -> bool:
         """The mount on top at the target is ro,nosuid,nodev,noexec (call only when it is a directory)."""
         return os.statvfs(self.at).f_flag & ST_READ_ONLY == ST_READ_ONLY
+
+    def check_in_place(self) -> None:
+        """The held parent is still the directory the path leads to (walked again, symlinks refused):
+        a parent moved away and replaced during a slow pull would otherwise take the mount with it."""
+        held = os.fstat(self._require_parent())
+        fresh = self._reopen()
+        if fresh is None:
+            raise InvalidRequest(f"the parent of target_path {self._path} disappeared during the publish")
+        try:
+            moved = not os.path.samestat(held, os.fstat(fresh))
+        finally:
+            os.close(fresh)
+        if moved:
+            raise InvalidRequest(f"the parent of target_path {self._path} was replaced during the publish; refusing")
 
     def make(self) -> bool:
         """Create the target directory kubelet expects us to make; True if we made it."""
@@ -149,7 +165,7 @@ class Targets:
     @contextlib.contextmanager
     def open(self, target_path: str, pod_uid: str | None = None) -> Iterator[Target]:
         path = self.canonical(target_path, pod_uid)
-        target = Target(path, self._open_parent(path))
+        target = Target(path, self._open_parent(path), functools.partial(self._open_parent, path))
         try:
             info = target.lstat()
             if info is not None and stat.S_ISLNK(info.st_mode):

@@ -21,7 +21,7 @@ from csi_wasm.config import DriverConfig, NodeConfig, PullConfig
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
-from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace, unmount_path
+from csi_wasm.mounts import LinuxMounter, Mounter, enter_private_mount_namespace, unmount_path
 from csi_wasm.server import BackgroundServer, Driver
 from csi_wasm.topology import share_directory
 
@@ -117,7 +117,7 @@ class RunningDriver:
         return [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(prefix)]
 
 
-def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
+def start_driver(tmp_path: pathlib.Path, node: NodeConfig, mounter: Mounter | None = None) -> RunningDriver:
     config = DriverConfig(
         driver_name=DRIVER_NAME,
         node_id="test-node",
@@ -127,7 +127,7 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
         node=node,
     )
     share_directory(config.kubelet_dir / "pods")
-    server = BackgroundServer(Driver(config))
+    server = BackgroundServer(Driver(config, mounter=mounter))
     return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
 
 
