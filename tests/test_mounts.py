@@ -174,3 +174,25 @@ def test_a_volume_dir_swapped_for_a_symlink_during_a_slow_pull_gets_nothing_moun
     assert proxied_csi.mounts_under_kubelet() == [] and proxied_csi.driver.records.all() == []
     volume_dir.unlink()
     assert pushed.module_digest  # the module itself is fine and stays in the store
+
+
+def test_a_long_component_or_a_file_for_a_parent_is_refused_with_a_message_never_internal(
+    csi: RunningDriver, pusher: Pusher
+) -> None:
+    image = pusher.wasm_artifact("mounts/plain", "v1", MODULE).reference
+    volume = csi.volume(image)
+    request = csi.kubelet.publish_request(volume)
+    csi_dir = csi.kubelet.target_path(volume).parent.parent
+    csi_dir.mkdir(parents=True)
+    (csi_dir / "a-file").write_text("kubelet's vol_data.json, say")
+    for target, message in (
+        (csi_dir / ("v" * 300) / "mount", "longer than 255 bytes"),
+        (csi_dir / "a-file" / "mount", "file or a symlink where a directory should be"),
+        (csi_dir / "a-file", "exists and is not a directory"),
+    ):
+        request.target_path = str(target)
+        with pytest.raises(grpc.RpcError) as refused:
+            csi.kubelet.node.NodePublishVolume(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (target, refused.value.details())
+        assert message in (refused.value.details() or ""), refused.value.details()
+    assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
