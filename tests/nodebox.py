@@ -82,8 +82,16 @@ class BoxedDriver:
             except ValueError:
                 pass
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [entry for entry in list(self.log) if entry.get("event") == name]
+    def events(self, name: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The log lines of event ``name``, once at least ``count`` arrived (a thread reads the pipe:
+        a line written before an answer may be read after it)."""
+        deadline = time.monotonic() + timeout
+        while len(found := [entry for entry in list(self.log) if entry.get("event") == name]) < count:
+            if time.monotonic() > deadline or (self.process is not None and self.process.poll() is not None
+                                               and self.reader is not None and not self.reader.is_alive()):  # fmt: skip
+                break
+            time.sleep(0.01)
+        return found
 
     def mounts(self) -> dict[str, MountEntry]:
         """The driver's own mount table (its namespace), top mount per mount point."""
