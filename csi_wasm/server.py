@@ -30,6 +30,7 @@ from csi_wasm.registry import RegistryClient
 from csi_wasm.servicers import IdentityServicer, NodeServicer
 from csi_wasm.statedir import StateDirLock
 from csi_wasm.store import ModuleStore
+from csi_wasm.topology import require_shared_pods_dir
 
 log = logging.getLogger("csi_wasm.server")
 GRPC_WORKERS = 16
@@ -47,8 +48,9 @@ class Driver:
         registry_client: RegistryClient | None = None,
     ) -> None:
         self.config = config
+        require_shared_pods_dir(self.pods_dir)  # before anything is created: a refused start leaves nothing
         self.metrics = metrics or Metrics()
-        self.mounter = mounter or LinuxMounter()
+        self.mounter = mounter or LinuxMounter(staging_dir=config.state_dir / "staging")
         self.store = ModuleStore(config.state_dir / "store", config.node.store.min_free_bytes)
         self.records = RecordStore(config.state_dir / "volumes")
         self.client = registry_client or RegistryClient(config.node)
@@ -104,7 +106,7 @@ class Driver:
         return self._ready.is_set()
 
     def recover(self) -> RecoveryReport:
-        report = recover(self.store, self.records, self.mounter, self.pods_dir, self.metrics)
+        report = recover(self.store, self.records, self.mounter, self.publisher.targets, self.metrics)
         self._ready.set()
         return report
 

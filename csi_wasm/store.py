@@ -11,7 +11,9 @@ Layout under ``<state-dir>/store``::
     access/<hex>.json                 who may be handed the module (csi_wasm.access owns these;
                                       removed with the module)
     tmp/                              downloads in progress; swept at start
-    quarantine/                       modules `csi-wasm store verify` found corrupt
+    quarantine/                       modules `csi-wasm store verify` or a publish found corrupt
+    seals/<hex>.json                  size, mode, owner and inode of each module file as stored
+                                      (csi_wasm.integrity: the warm path's tamper check)
 
 Every change is write-temp, fsync, rename, fsync-directory: a crash leaves either
 the old state or the new one, never a partial module under its final name.
@@ -32,9 +34,17 @@ from types import TracebackType
 
 from csi_wasm import wasm
 from csi_wasm.errors import DigestMismatch, InvalidRequest, NotWasm, StorageFull, TooLarge
+from csi_wasm.integrity import Seal, Seals
 
 FILE_NAME_MAX = 255
 _VIEW_ROOT = re.compile(r"/views/([0-9a-f]{64})/([^/]+)$")
+
+
+def names_view(mount_root: str, digest: str, file_name: str) -> bool:
+    """True if a mount's root is this view's directory, even one removed since (a quarantined module's
+    views go, the pods that mounted them keep them): how a recorded mount is still known as ours."""
+    match = _VIEW_ROOT.search(mount_root.removesuffix("//deleted"))
+    return match is not None and (f"sha256:{match.group(1)}", match.group(2)) == (digest, file_name)
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,7 @@ class ModuleStore:
         self._min_free_bytes = min_free_bytes
         self._manifests: dict[str, ManifestEntry] = {}  # dict get/set are atomic under the GIL
         self._lock = threading.Lock()
+        self.seals = Seals(root / "seals")
         for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir, self.tags_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)
 
@@ -197,6 +208,7 @@ class ModuleStore:
         if final.exists():
             temp_path.unlink(missing_ok=True)
         else:
+            self.seals.put(digest, Seal.of(os.lstat(temp_path)))  # the same inode after the rename
             os.replace(temp_path, final)
             fsync_dir(self.modules_dir)
         return StoredModule(digest=digest, size=size, path=final, last_used=time.time())
@@ -237,11 +249,13 @@ class ModuleStore:
         self.quarantine_dir.mkdir(exist_ok=True)
         destination = self.quarantine_dir / f"{digest.removeprefix('sha256:')}.{int(time.time())}"
         os.replace(self.module_path(digest), destination)
+        self.seals.forget(digest)
         self._remove_views(digest)
         fsync_dir(self.modules_dir)
         return destination
 
     def remove(self, digest: str) -> None:
+        self.seals.forget(digest)
         self._remove_views(digest)
         self.module_path(digest).unlink(missing_ok=True)
         fsync_dir(self.modules_dir)

@@ -24,6 +24,8 @@ import pytest
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.cli import build_parser
 from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig, StoreConfig
+from csi_wasm.mounts import unmount_path
+from csi_wasm.topology import share_directory
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "csi-wasm"
@@ -58,11 +60,12 @@ def snapshot(root: pathlib.Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.fixture
-def node(tmp_path: pathlib.Path) -> pathlib.Path:
+def node(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     """A node's directories as the DaemonSet has them: the plugin (socket) dir and kubelet's pods dir."""
     (tmp_path / "csi").mkdir()
-    (tmp_path / "kubelet" / "pods").mkdir(parents=True)
-    return tmp_path
+    share_directory(tmp_path / "kubelet" / "pods")  # Bidirectional propagation makes it a shared mount
+    yield tmp_path
+    unmount_path(tmp_path / "kubelet" / "pods")
 
 
 def serve_args(node: pathlib.Path, *extra: str, node_id: str = "node-a") -> list[str]:

@@ -21,7 +21,8 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
-from csi_wasm.mounts import MS_BIND, LinuxMounter
+from csi_wasm import syscalls
+from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
 
 from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
 
@@ -227,20 +228,21 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
     for volume in (kept, lost, orphan, half):
         running.kubelet.mount(volume)
     stop_driver_keeping_mounts(running)
-    mounter = LinuxMounter()
-    mounter.unmount(running.kubelet.target_path(lost))  # its mount vanished while the driver was down
+    unmount_path(running.kubelet.target_path(lost))  # its mount vanished while the driver was down
     os.rmdir(running.kubelet.target_path(lost))
     records_dir = running.config.state_dir / "volumes"
     from csi_wasm.records import record_key
 
     (records_dir / f"{record_key(str(running.kubelet.target_path(orphan)))}.json").unlink()  # mount without record
     (records_dir / "garbage.json").write_text("{not json")
-    # killed between the bind and the read-only remount, before the record: a writable bind of a shared module
+    # what a driver before issue 12 left when killed between its bind and its read-only remount: a
+    # writable bind of a shared module, no record. Recovery must neither keep it writable nor take the
+    # module away from the pod: it covers it with a read-only bind.
     half_target = running.kubelet.target_path(half)
-    mounter.unmount(half_target)
+    unmount_path(half_target)
     (records_dir / f"{record_key(str(half_target))}.json").unlink()
     view = running.driver.store.view(modules[3].module_digest, "plugin.wasm")
-    mounter._mount(bytes(view), bytes(half_target), MS_BIND, "bind")  # no read-only remount
+    syscalls.mount(bytes(view), bytes(half_target), syscalls.MS_BIND)  # no read-only remount
     (running.config.state_dir / "store" / "tmp" / "interrupted.partial").write_bytes(b"\0asm")
 
     restarted = start_driver(tmp_path, node_config)
@@ -248,13 +250,16 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
         assert restarted.driver.store.sweep_temp_files() == 0  # already swept at start
         samples = {s.labels["kind"]: s.value for m in restarted.driver.metrics.registry.collect()
                    if m.name == "csi_wasm_start_repairs" for s in m.samples if s.name.endswith("_total")}  # fmt: skip
-        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 1,
+        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 2,
                            "writable_mount": 1}  # fmt: skip
-        assert str(half_target) not in restarted.mounts_under_kubelet() and not half_target.exists()
+        on_top = LinuxMounter().mount_at(half_target)
+        assert on_top is not None and REQUIRED_OPTIONS <= on_top.options  # covered, still published
+        assert restarted.mounts_under_kubelet().count(str(half_target)) == 2
+        assert (half_target / "plugin.wasm").read_bytes() == make_module(5003, "lifecycle-3")
         targets = {r.target_path for r in restarted.driver.records.all()}
-        assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan)}
-        for volume in (kept, orphan, lost):
-            restarted.kubelet.unmount(volume)
+        assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan, half)}
+        for volume in (kept, orphan, lost, half):
+            restarted.kubelet.unmount(volume)  # half: both the writable bind and its cover go
         assert restarted.mounts_under_kubelet() == [] and restarted.driver.records.all() == []
     finally:
         stop_driver(restarted)
