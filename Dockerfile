@@ -15,13 +15,13 @@ COPY deploy/constraints.txt pyproject.toml README.md ./
 COPY csi_wasm ./csi_wasm
 # Dependencies first, exactly the pinned versions and only as wheels (every one ships a manylinux
 # wheel for CPython 3.11, grpcio and rpds-py included), so nothing is compiled; then the package
-# itself without resolving again; `pip check` proves the set is complete and consistent. Pip leaves
-# the virtualenv once it has done its job.
-RUN python -m venv /opt/csi-wasm \
- && /opt/csi-wasm/bin/pip install --no-cache-dir --only-binary=:all: --requirement constraints.txt \
- && /opt/csi-wasm/bin/pip install --no-cache-dir --no-deps . \
- && /opt/csi-wasm/bin/pip check \
- && /opt/csi-wasm/bin/pip uninstall --yes pip \
+# itself without resolving again; `pip check` proves the set is complete and consistent. The base
+# image's pip installs into the virtualenv (--python), which never gets pip or setuptools of its own:
+# on 3.11 `venv` seeds both, and uninstalling pip alone left setuptools in the image.
+RUN python -m venv --without-pip /opt/csi-wasm \
+ && python -m pip --python /opt/csi-wasm/bin/python install --no-cache-dir --only-binary=:all: --requirement constraints.txt \
+ && python -m pip --python /opt/csi-wasm/bin/python install --no-cache-dir --no-deps . \
+ && python -m pip --python /opt/csi-wasm/bin/python check \
  && /opt/csi-wasm/bin/python -m compileall -q /opt/csi-wasm/lib
 
 FROM ${PYTHON_IMAGE}
