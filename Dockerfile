@@ -1,11 +1,14 @@
 # syntax=docker/dockerfile:1
 # csi-wasm node plugin image: the package and its runtime dependencies in a virtualenv on a slim
-# Python base; no compiler, no pip in the final stage.
+# Python base; no compiler, no pip, setuptools or wheel in the final stage.
 #
 #   docker build -t <your-registry>/csi-wasm:0.1.0 .
 #
 # Both stages use the same base (the virtualenv links to its interpreter). Pinned by tag and digest;
-# refresh both together.
+# refresh both together. NOT VERIFIED: this tag and digest were copied, never checked against a
+# registry; none that serves python images was reachable where this file is built and tested
+# (scripts/image.sh builds it on a local stand-in base through this ARG). Before relying on the pin,
+# confirm it: `docker buildx imagetools inspect python:3.11.17-slim` prints the index digest.
 ARG PYTHON_IMAGE=python:3.11.17-slim@sha256:45037981b62b34b44602584fccbc4d884d5f7dc92c7ee86bb38a698a79fe1e51
 
 FROM ${PYTHON_IMAGE} AS build
