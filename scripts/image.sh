@@ -275,6 +275,9 @@ run_check() {
 node_main() {
   local image_root=$1 logs=$2
   local root="$logs/rootfs"
+  # the set-up's own messages go to a log; a failure is one line on the real stderr
+  exec 3>&2 2>"$logs/node.log"
+  trap 'fail "laying out the node namespace (line $LINENO of $SCRIPT): $(tail -n 1 "$logs/node.log") [logs: $logs]" 2>&3' ERR
   ip link set lo up
   # the image's root filesystem, somewhere the tmpfs below does not hide it
   mkdir -p "$root"
@@ -287,6 +290,7 @@ node_main() {
   mkdir -p /var/lib/kubelet/pods "$DRIVER_SOCKET_DIR" /var/lib/csi-wasm
   mount --make-rshared /var/lib
   cd "$REPO"
+  exec 2>&3 3>&-
   exec "$REPO/.venv/bin/python" - "$SCRIPT" "$root" "$logs" <<'PY'
 """The node side of scripts/image.sh: a registry, kubelet, and the driver run from the image."""
 
@@ -370,14 +374,23 @@ def wait_ready(driver: subprocess.Popen[bytes], port: int, log: pathlib.Path) ->
     raise Failed(f"the driver's /healthz did not answer 200 within {READY_SECONDS:.0f} s: {last_line(log)}")
 
 
-def mountinfo_fields(pid: int, mount_point: str) -> list[str]:
-    """The optional fields (propagation) of the mount at ``mount_point`` as process ``pid`` sees it."""
-    found: list[str] = []
+def mount_fields(pid: int, mount_point: str) -> tuple[set[str], list[str]]:
+    """Options and optional (propagation) fields of the mount on top at ``mount_point``, as ``pid`` sees it."""
+    found: tuple[set[str], list[str]] = (set(), [])
     for line in pathlib.Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         parts = line.split(" ")
         if parts[4] == mount_point:
-            found = parts[6 : parts.index("-", 6)]
+            found = (set(parts[5].split(",")), parts[6 : parts.index("-", 6)])
     return found
+
+
+def check_driver_namespace(pid: int) -> None:
+    """The layout the DaemonSet gives the driver, seen from inside: the root read-only, the pods dir a
+    peer of the host's (so the driver's start-up propagation check passed on a real condition)."""
+    root_options, _ = mount_fields(pid, "/")
+    check("ro" in root_options, f"the driver's root filesystem is not read-only: {sorted(root_options)}")
+    _, pods_propagation = mount_fields(pid, str(PODS_DIR))
+    check(any(f.startswith("shared:") for f in pods_propagation), f"{PODS_DIR} is not shared in the driver's namespace")
 
 
 def check_published(target: pathlib.Path, module: bytes, driver_pid: int) -> None:
@@ -385,8 +398,8 @@ def check_published(target: pathlib.Path, module: bytes, driver_pid: int) -> Non
     check(module_path.read_bytes() == module, f"{module_path} does not hold the pushed module's bytes")
     # a pod container gets a bind of the host's copy: its flags are what a pod can do to the module
     host_view = LinuxMounter().mount_at(target)
-    check(host_view is not None, f"no mount at {target} on the host's side: the pods dir does not propagate")
-    assert host_view is not None
+    if host_view is None:
+        raise Failed(f"no mount at {target} on the host's side: the pods dir does not propagate")
     missing = sorted(REQUIRED_OPTIONS - host_view.options)
     check(not missing, f"the host's copy of the module mount lacks {','.join(missing)} "
                        f"(options {','.join(sorted(host_view.options))})")  # fmt: skip
@@ -427,8 +440,7 @@ def run() -> str:
         log = LOGS / "driver.log"
         driver = start_driver(env, argv, log)
         wait_ready(driver, metrics_port(argv), log)
-        pods = mountinfo_fields(driver.pid, str(PODS_DIR))
-        check(any(f.startswith("shared:") for f in pods), f"{PODS_DIR} is not a shared mount in the driver's namespace")
+        check_driver_namespace(driver.pid)
         check(NodeDriverRegistrar(str(SOCKET)).driver_name() == DRIVER_NAME, "GetPluginInfo does not name csi-wasm.dev")
         kubelet = Kubelet(str(SOCKET), KUBELET_DIR, node_name=NODE)
         try:
