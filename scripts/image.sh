@@ -250,6 +250,21 @@ build_image() {
   bud_trusting_host_cas --build-arg PYTHON_IMAGE="$1" -t "$2" "$REPO"
 }
 
+# Layer caches of earlier sources: buildah keeps every build's images (about 50 MB per change of the
+# package); those the last build neither made nor reused ("--> <id>" in its log) are dead weight.
+# Removing a dangling image can leave its parent dangling, hence the rounds.
+prune_superseded_layers() {
+  local keep id removed=1
+  keep=$(sed -n 's/^--> \([0-9a-f]\{11\}\)$/\1/p' "$LOGS/image.log")
+  while [ "$removed" -gt 0 ]; do
+    removed=0
+    for id in $(buildah images --all --filter dangling=true --format '{{.ID}}'); do
+      grep -qx "${id:0:11}" <<<"$keep" && continue
+      if buildah rmi "$id" >/dev/null; then removed=$((removed + 1)); fi
+    done
+  done
+}
+
 # The check, from the machine's side: a working container of the image, its root filesystem mounted,
 # and the node (kubelet, registry, driver) in fresh namespaces that end with this command.
 run_check() {
@@ -521,6 +536,7 @@ main() {
   fi
   step "removing stand-ins of older recipes" prune remove_stale_standins "$minbase" "$standin"
   step "buildah bud ./Dockerfile ($image)" image build_image "$standin" "$image"
+  step "removing layer caches of earlier sources" prune-layers prune_superseded_layers
   run_check "$image"
   rm -rf "$LOGS"
   echo "image.sh: OK in $((SECONDS - started)) s: the image builds from ./Dockerfile and its driver publishes a module"
