@@ -275,14 +275,20 @@ run_check() {
   buildah inspect --type image "$image" >"$LOGS/image.json"
   set +e
   unshare --mount --net --pid --fork --kill-child --mount-proc --propagation private -- \
-    bash "$SCRIPT" __node "$rootfs" "$LOGS"
-  local rc=$?
+    bash "$SCRIPT" __node "$rootfs" "$LOGS" 2>"$LOGS/check.err"
+  local rc=$? last
   set -e
   remove_container "$CHECK_CONTAINER"
   if grep -qF " $rootfs " /proc/self/mountinfo; then
     fail "the image's root filesystem is still mounted at $rootfs"
   fi
-  [ "$rc" -eq 0 ] || exit "$rc"  # the node side has said what failed
+  if [ "$rc" -ne 0 ]; then
+    last=$(grep -v '^[[:space:]]*$' "$LOGS/check.err" | tail -n 1 | cut -c1-600)
+    case "$last" in
+      "image.sh: FAILED: "*) echo "$last" >&2; exit 1 ;;  # the node side said what failed
+      *) fail "the check (exit $rc): $last [logs: $LOGS]" ;;  # it could not: a crash, a traceback
+    esac
+  fi
 }
 
 # Inside the node's namespaces: lay out the "host" the way a node is, then hand over to the Python
