@@ -103,7 +103,8 @@ build_minbase() {
   # debootstrap mounts /proc and /sys into the target: in a private namespace, so none outlives it
   unshare --mount --propagation private \
     debootstrap --variant=minbase bookworm "$mnt" "$DEBIAN_MIRROR"
-  rm -rf "$mnt"/var/cache/apt/archives/*.deb "$mnt"/var/lib/apt/lists/* "$mnt"/dev/* "$mnt"/etc/apt/sources.list
+  rm -rf "${mnt:?}"/var/cache/apt/archives/*.deb "${mnt:?}"/var/lib/apt/lists/* "${mnt:?}"/dev/* \
+    "${mnt:?}"/etc/apt/sources.list
   slim_and_configure "$mnt"
   cat >"$mnt/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
@@ -125,7 +126,7 @@ EOF
 }
 
 slim_and_configure() {
-  local root=$1 clean dir
+  local root=${1:?} clean dir
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
   chmod 0755 "$root/usr/sbin/policy-rc.d"
   printf 'force-unsafe-io\n' >"$root/etc/dpkg/dpkg.cfg.d/docker-apt-speedup"
@@ -142,7 +143,7 @@ slim_and_configure() {
   echo 'path-include /usr/share/doc/*/copyright' >>"$root/etc/dpkg/dpkg.cfg.d/docker"
   find "$root/usr/share/doc" -mindepth 1 ! -type d ! -name copyright -delete
   find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
-  rm -rf "$root"/usr/share/{groff,info,linda,locale,man}/* "$root"/usr/share/lintian/overrides/*
+  rm -rf "${root:?}"/usr/share/{groff,info,linda,locale,man}/* "${root:?}"/usr/share/lintian/overrides/*
 }
 
 # The stand-in for python:3.11-slim, following docker-library/python's 3.11/slim-bookworm recipe: the
