@@ -528,7 +528,7 @@ main() {
   local started=$SECONDS version minbase standin image
   step "installing buildah, debootstrap and the package" install install_packages
   version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$REPO/csi_wasm/__init__.py")
-  minbase="$STANDIN/debian:bookworm-minbase-$(declare -f build_minbase | sha256sum | cut -c1-12)"
+  minbase="$STANDIN/debian:bookworm-minbase-$(declare -f build_minbase slim_and_configure | sha256sum | cut -c1-12)"
   standin="$STANDIN/python:3.11-slim-bookworm-$( (echo "$minbase"; standin_recipe) | sha256sum | cut -c1-12)"
   image="localhost/csi-wasm:$version-standin"
   if image_exists "$minbase"; then
