@@ -25,12 +25,8 @@ from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import RegistryError
 from csi_wasm.reference import parse_reference
-from csi_wasm.registry import (
-    MAX_RETRY_AFTER_SECONDS,
-    RegistryClient,
-    _Transient,
-    parse_retry_after,
-)
+from csi_wasm.registry import MAX_RETRY_AFTER_SECONDS, RegistryClient, Transient, backoff, parse_retry_after
+from csi_wasm.registry.retry import Retrier
 
 MODULE = make_module(64 * 1024, "faults")
 UNAVAILABLE, FAILED_PRECONDITION = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
@@ -237,11 +233,11 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     random.seed(1234)
     for number in range(1, 8):
         base = min(0.2 * 2 ** (number - 1), 2.0)
-        samples = [RegistryClient.backoff(number) for _ in range(200)]
+        samples = [backoff(number) for _ in range(200)]
         assert all(0.5 * base <= s <= 1.5 * base for s in samples)
         assert len({round(s, 6) for s in samples}) > 150  # jitter: no two clients retry in lockstep
-    assert RegistryClient.backoff(1, retry_after=3600) == MAX_RETRY_AFTER_SECONDS
-    assert RegistryClient.backoff(1, retry_after=0.5) == 0.5
+    assert backoff(1, retry_after=3600) == MAX_RETRY_AFTER_SECONDS
+    assert backoff(1, retry_after=0.5) == 0.5
 
 
 def test_retries_are_bounded_and_stop_at_the_deadline() -> None:
@@ -252,20 +248,20 @@ def test_retries_are_bounded_and_stop_at_the_deadline() -> None:
         sleeps.append(seconds)
         now[0] += seconds
 
-    client = RegistryClient(NodeConfig(pull=PullConfig(attempts=4)), clock=lambda: now[0], sleep=sleep)
+    retrier = Retrier(attempts=4, clock=lambda: now[0], sleep=sleep)
     calls = []
 
     def flaky() -> None:
         calls.append(now[0])
-        raise _Transient("HTTP 503")
+        raise Transient("HTTP 503")
 
     with pytest.raises(RegistryError):
-        client._with_retries(flaky)
+        retrier.run(flaky)
     assert len(calls) == 4 and len(sleeps) == 3
     calls.clear()
     sleeps.clear()
     with pytest.raises(RegistryError, match="deadline"):
-        client._with_retries(lambda: (_ for _ in ()).throw(_Transient("429", retry_after=8.0)), deadline=5.0)
+        retrier.run(lambda: (_ for _ in ()).throw(Transient("429", retry_after=8.0)), deadline=5.0)
     assert sleeps == []  # sleeping 8 s would pass the deadline: give up at once
     non_transient = []
 
@@ -274,7 +270,7 @@ def test_retries_are_bounded_and_stop_at_the_deadline() -> None:
         raise RegistryError("HTTP 400")
 
     with pytest.raises(RegistryError):
-        client._with_retries(not_found)
+        retrier.run(not_found)
     assert non_transient == [1]  # a non-transient failure is never retried
 
 
