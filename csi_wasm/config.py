@@ -48,6 +48,9 @@ class PullConfig:
     # How long one publish waits for a download before answering UNAVAILABLE (the download goes on
     # and kubelet's retry joins it): keeps every answer well inside kubelet's 2-minute call timeout.
     max_wait_seconds: float = 60.0
+    # Registry answers read whole (manifests, tokens, signature payloads) that all publishes together may
+    # hold in memory, each counted at its worst case while parsed (csi_wasm.registry.bodies).
+    max_buffered_bytes: int = 64 * MiB
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ address. Nothing here logs a credential or a token.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
@@ -19,9 +18,10 @@ from typing import Callable
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import AccessDenied, RegistryError
 from csi_wasm.reference import Reference
+from csi_wasm.registry.bodies import parse_json
 from csi_wasm.registry.retry import Transient
-from csi_wasm.registry.ssrf import refuse_forbidden_host
-from csi_wasm.registry.transport import Endpoint, Transport
+from csi_wasm.registry.ssrf import IPNetwork, refuse_forbidden_host
+from csi_wasm.registry.transport import Endpoint, Exchange
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
 BASIC_LIFETIME_SECONDS = 3600.0
@@ -31,8 +31,8 @@ _TOKEN = re.compile(r"^[\x21-\x7e]{1,8192}\Z")
 
 
 class Authenticator:
-    def __init__(self, transport: Transport, clock: Callable[[], float] = time.monotonic) -> None:
-        self._transport = transport
+    def __init__(self, allowed_networks: tuple[IPNetwork, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self._allowed_networks = allowed_networks
         self._clock = clock
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -48,12 +48,12 @@ class Authenticator:
 
     def authenticate(
         self,
+        exchange: Exchange,
         endpoint: Endpoint,
         ref: Reference,
         challenge: str,
         scope: str,
         creds: Credentials | None,
-        deadline: float | None,
     ) -> str:
         """Answer a 401's ``WWW-Authenticate`` challenge; return the Authorization header to send."""
         scheme = challenge.split(" ", 1)[0].lower()
@@ -66,7 +66,7 @@ class Authenticator:
                 )
             header, lifetime = creds.basic_header(), BASIC_LIFETIME_SECONDS
         elif scheme == "bearer":
-            header, lifetime = self._bearer_token(endpoint, ref, challenge, scope, creds, deadline)
+            header, lifetime = self._bearer_token(exchange, endpoint, ref, challenge, scope, creds)
         else:
             raise AccessDenied(f"image {ref}: registry {endpoint.host} asks for unsupported auth {scheme[:20]!r}")
         with self._lock:
@@ -75,12 +75,12 @@ class Authenticator:
 
     def _bearer_token(
         self,
+        exchange: Exchange,
         endpoint: Endpoint,
         ref: Reference,
         challenge: str,
         scope: str,
         creds: Credentials | None,
-        deadline: float | None,
     ) -> tuple[str, float]:
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         realm = params.get("realm", "")
@@ -98,14 +98,14 @@ class Authenticator:
                 f"or a downgrade from https; refused"
             )
         refuse_forbidden_host(
-            hostname, f"image {ref}: token realm", origin=endpoint.hostname, allowed=self._transport.allowed_networks
+            hostname, f"image {ref}: token realm", origin=endpoint.hostname, allowed=self._allowed_networks
         )
         query = {"scope": scope}
         if "service" in params:
             query["service"] = params["service"]
         headers = {"Authorization": creds.basic_header()} if creds else {}
         what = f"image {ref}: token service {parsed.netloc}"
-        response = self._transport.get(endpoint, realm, what, query, headers, deadline)
+        response = exchange.get(endpoint, realm, what, query, headers)
         with contextlib.closing(response):
             if response.status_code in (401, 403):
                 raise AccessDenied(
@@ -116,18 +116,23 @@ class Authenticator:
                 raise Transient(f"image {ref}: token service answered HTTP {response.status_code}")
             if response.status_code != 200:
                 raise RegistryError(f"image {ref}: token service answered HTTP {response.status_code}")
-            raw = self._transport.read_capped(
-                response, MAX_TOKEN_RESPONSE_BYTES, f"image {ref}: token response", deadline
-            )
-            try:
-                payload = json.loads(raw)
-                token = payload.get("token") or payload.get("access_token")
-                lifetime = float(payload.get("expires_in", 60))
-            except (ValueError, AttributeError, TypeError) as exc:
-                raise RegistryError(f"image {ref}: token service returned an unreadable answer") from exc
-        if not token or not isinstance(token, str) or not _TOKEN.match(token):
-            raise RegistryError(f"image {ref}: token service returned no usable token")
-        if not 0 < lifetime < float("inf"):
-            lifetime = 60.0
+            answer = f"image {ref}: the token service's answer"
+            with exchange.read_whole(response, MAX_TOKEN_RESPONSE_BYTES, answer) as raw:
+                payload = parse_json(raw, answer, RegistryError)
+        token, lifetime = _token_of(payload, ref)
         # refresh a little early so a token never expires mid-request
         return f"Bearer {token}", max(min(lifetime, 24 * 3600.0) - 10.0, 1.0)
+
+
+def _token_of(payload: object, ref: Reference) -> tuple[str, float]:
+    """The token and its lifetime from a token service's JSON answer (``token`` or ``access_token``)."""
+    if not isinstance(payload, dict):
+        raise RegistryError(f"image {ref}: token service returned an unreadable answer (not a JSON object)")
+    token = payload.get("token") or payload.get("access_token")
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise RegistryError(f"image {ref}: token service returned no usable token")
+    expires_in = payload.get("expires_in", 60)
+    lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) else 60.0
+    if not 0 < lifetime < float("inf"):
+        lifetime = 60.0
+    return token, lifetime

@@ -1,10 +1,15 @@
-"""The registry API the puller uses: manifests and blobs, across mirrors, with retries and per-scope auth."""
+"""The registry API the puller uses: manifests and blobs, across mirrors, with retries and per-scope auth.
+
+Every call has a total deadline, request by request: a manifest, token or small blob
+call ends at the calling gRPC request's deadline or after ``WHOLE_BODY_READ_TIMEOUTS``
+read timeouts per attempt, whichever comes first; a blob download at
+``pull.download_timeout_seconds`` (it outlives the call that started it).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -18,10 +23,13 @@ from csi_wasm.errors import AccessDenied, DigestMismatch, ModuleNotFound, Regist
 from csi_wasm.layouts import ACCEPTED_MANIFEST_TYPES
 from csi_wasm.reference import Reference
 from csi_wasm.registry.auth import Authenticator
+from csi_wasm.registry.bodies import parse_json
 from csi_wasm.registry.retry import Retrier
-from csi_wasm.registry.transport import BlobStream, Endpoint, Transport
+from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transport
 
 T = TypeVar("T")
+# A manifest, token or small blob exchange (headers and body) may take this many read timeouts.
+WHOLE_BODY_READ_TIMEOUTS = 2
 
 
 @dataclass(frozen=True)
@@ -43,12 +51,16 @@ class RegistryClient:
         self._pull: PullConfig = node.pull
         self._clock = clock
         self._transport = Transport(node, clock)
-        self._auth = Authenticator(self._transport, clock)
+        self._auth = Authenticator(self._transport.allowed_networks, clock)
         self._retrier = Retrier(self._pull.attempts, clock, sleep)
 
     @property
     def node(self) -> NodeConfig:
         return self._node
+
+    def close(self) -> None:
+        """Close idle connections and stop the deadline watchdog."""
+        self._transport.close()
 
     # -- public API ------------------------------------------------------
 
@@ -62,23 +74,23 @@ class RegistryClient:
         """
         key = key or ref.manifest_key
         accept = ", ".join(ACCEPTED_MANIFEST_TYPES)
+        what = f"image {ref}: the manifest the registry returned"
 
         def attempt(endpoint: Endpoint) -> FetchedManifest:
             url = self._url(endpoint, ref, "manifests", key)
-            response, used = self._request(endpoint, ref, url, creds, {"Accept": accept}, deadline)
-            with contextlib.closing(response):
-                raw = self._transport.read_capped(
-                    response, self._pull.max_manifest_bytes, f"image {ref}: manifest", deadline
-                )
-            digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
-            if key.startswith("sha256:") and digest != key:
-                raise DigestMismatch(f"image {ref}: registry served a manifest with digest {digest}, not {key}")
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise UnsupportedLayout(f"image {ref}: the registry returned a manifest that is not JSON") from exc
+            with self._transport.exchange(self._whole_body_deadline(deadline)) as exchange:
+                response, used = self._request(exchange, endpoint, ref, url, creds, {"Accept": accept})
+                with contextlib.closing(response), exchange.read_whole(
+                    response, self._pull.max_manifest_bytes, f"image {ref}: manifest"
+                ) as raw:
+                    digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+                    if key.startswith("sha256:") and digest != key:
+                        raise DigestMismatch(
+                            f"image {ref}: registry served a manifest with digest {digest}, not {key}"
+                        )
+                    body = parse_json(raw, what, UnsupportedLayout)
             if not isinstance(body, dict):
-                raise UnsupportedLayout(f"image {ref}: the registry returned a manifest that is not a JSON object")
+                raise UnsupportedLayout(f"{what} is not a JSON object")
             media_type = body.get("mediaType") or response.headers.get("Content-Type", "").split(";")[0]
             return FetchedManifest(digest, str(media_type), body, used)
 
@@ -91,9 +103,12 @@ class RegistryClient:
 
         def attempt(endpoint: Endpoint) -> bytes:
             url = self._url(endpoint, ref, "blobs", digest)
-            response, _ = self._request(endpoint, ref, url, creds, {}, deadline)
-            with contextlib.closing(response):
-                return self._transport.read_capped(response, limit, f"image {ref}: blob {digest}", deadline)
+            with self._transport.exchange(self._whole_body_deadline(deadline)) as exchange:
+                response, _ = self._request(exchange, endpoint, ref, url, creds, {})
+                with contextlib.closing(response), exchange.read_whole(
+                    response, limit, f"image {ref}: blob {digest}"
+                ) as raw:
+                    return bytes(raw)
 
         data = self._across_endpoints(ref, attempt, deadline)
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
@@ -104,22 +119,29 @@ class RegistryClient:
     def open_blob(
         self, ref: Reference, digest: str, creds: Credentials | None, expected_size: int | None = None
     ) -> Iterator[BlobStream]:
-        """Stream a blob. The download has its own deadline (it outlives the gRPC call)."""
+        """Stream a blob. The download has its own deadline (it outlives the gRPC call), headers included."""
         deadline = self._clock() + self._pull.download_timeout_seconds
 
-        def attempt(endpoint: Endpoint) -> requests.Response:
-            url = self._url(endpoint, ref, "blobs", digest)
-            return self._request(endpoint, ref, url, creds, {}, deadline)[0]
+        def attempt(endpoint: Endpoint) -> tuple[contextlib.ExitStack, Exchange, requests.Response]:
+            with contextlib.ExitStack() as stack:
+                exchange = stack.enter_context(self._transport.exchange(deadline))
+                response = self._request(exchange, endpoint, ref, url_of(endpoint), creds, {})[0]
+                stack.callback(response.close)
+                return stack.pop_all(), exchange, response  # the caller now holds the exchange open
+            raise AssertionError("unreachable")
 
-        response = self._across_endpoints(ref, attempt, deadline)
-        try:
-            yield BlobStream(
-                response, deadline, self._clock, f"image {ref}", self._pull.read_timeout_seconds, expected_size
-            )
-        finally:
-            response.close()
+        def url_of(endpoint: Endpoint) -> str:
+            return self._url(endpoint, ref, "blobs", digest)
+
+        held, exchange, response = self._across_endpoints(ref, attempt, deadline)
+        with held:
+            yield exchange.stream(response, f"image {ref}", expected_size)
 
     # -- endpoints, retries ----------------------------------------------
+
+    def _whole_body_deadline(self, deadline: float | None) -> float:
+        own = self._clock() + self._pull.read_timeout_seconds * WHOLE_BODY_READ_TIMEOUTS
+        return own if deadline is None else min(own, deadline)
 
     def _endpoints(self, ref: Reference) -> list[Endpoint]:
         upstream = self._node.registry(ref.registry)
@@ -145,16 +167,16 @@ class RegistryClient:
 
     def _request(
         self,
+        exchange: Exchange,
         endpoint: Endpoint,
         ref: Reference,
         url: str,
         creds: Credentials | None,
         headers: dict[str, str],
-        deadline: float | None,
     ) -> tuple[requests.Response, bool]:
         scope = f"repository:{ref.repository}:pull"
         auth = self._auth.cached(endpoint, scope, creds)
-        response, moved = self._transport.send(endpoint, ref, url, headers, auth, deadline)
+        response, moved = exchange.send(endpoint, ref, url, headers, auth)
         used_credentials = False
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
@@ -164,12 +186,12 @@ class RegistryClient:
                     f"image {ref}: registry {endpoint.host} redirected to another host that asks for "
                     "credentials; the pod's credentials are only sent to the registry itself, refused"
                 )
-            auth = self._auth.authenticate(endpoint, ref, challenge, scope, creds, deadline)
+            auth = self._auth.authenticate(exchange, endpoint, ref, challenge, scope, creds)
             used_credentials = creds is not None
-            response, _ = self._transport.send(endpoint, ref, url, headers, auth, deadline)
+            response, _ = exchange.send(endpoint, ref, url, headers, auth)
         elif auth is not None:
             used_credentials = creds is not None
-        self._transport.check_status(response, ref, endpoint, creds)
+        exchange.check_status(response, ref, endpoint, creds)
         return response, used_credentials
 
     def _url(self, endpoint: Endpoint, ref: Reference, kind: str, key: str) -> str:

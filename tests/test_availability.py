@@ -1,0 +1,257 @@
+"""A hostile registry must not hang, starve or exhaust the driver (issue 13, items 3 to 7).
+
+Every exchange has a total deadline, headers included; error bodies are read only a
+few KiB, undecoded; sessions to registries are bounded; slow publishes leave gRPC
+workers for Probe, capabilities and warm publishes, and one registry cannot take
+every download slot. Memory under a real limit is tests/test_memory.py.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import selectors
+import socket
+import threading
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import grpc
+import pytest
+
+import faultproxy as fp
+from conftest import RunningDriver, start_driver, stop_driver
+from csi_wasm.config import NodeConfig, PullConfig
+from csi_wasm.demo.push import Pushed, Pusher
+from csi_wasm.demo.wasm_modules import make_module
+from csi_wasm.errors import ModuleNotFound
+from csi_wasm.reference import parse_reference
+from csi_wasm.registry import RegistryClient
+
+MODULE = make_module(32 * 1024, "availability")
+UNAVAILABLE, NOT_FOUND = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND
+# kubelet's deadline in these tests: far longer than any bound the driver sets itself (a few seconds),
+# so an answer before it shows the driver's own bound, however loaded the machine is
+CALL_TIMEOUT = 60.0
+
+
+def _pull(**overrides: object) -> PullConfig:
+    base = PullConfig(connect_timeout_seconds=1.0, read_timeout_seconds=2.0, attempts=2, max_wait_seconds=30.0)
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def pushed(pusher: Pusher) -> Pushed:
+    return pusher.wasm_artifact("availability/filter", "v1", MODULE)
+
+
+def _through(pushed: Pushed, proxy: fp.FaultProxy) -> str:
+    return f"{proxy.host}/{pushed.reference.split('/', 1)[1]}"
+
+
+def _repo(pushed: Pushed) -> str:
+    return pushed.reference.split("/", 1)[1].rsplit(":", 1)[0]
+
+
+def _start(tmp_path: pathlib.Path, hosts: list[str], **pull: object) -> RunningDriver:
+    return start_driver(tmp_path, NodeConfig(pull=_pull(**pull)).with_insecure(hosts))
+
+
+def _failure(running: RunningDriver, image: str) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as failure:
+        running.kubelet.mount(running.volume(image), timeout=CALL_TIMEOUT)
+    return failure.value.code(), failure.value.details() or ""
+
+
+# -- item 4: a total deadline for every exchange, headers included --------------------------------
+
+
+def test_dripped_manifest_headers_end_at_the_exchanges_deadline(
+    tmp_path: pathlib.Path, proxy: fp.FaultProxy, pushed: Pushed
+) -> None:
+    """One header byte every 0.5 s never trips a 2 s read timeout; the exchange's own bound (two read
+    timeouts) ends it. Without it the call ran into kubelet's deadline (DEADLINE_EXCEEDED)."""
+    proxy.add(rf"^GET /v2/{_repo(pushed)}/manifests/", fp.drip_headers(0.5))
+    running = _start(tmp_path, [proxy.host])
+    try:
+        code, detail = _failure(running, _through(pushed, proxy))
+        assert code == UNAVAILABLE and "deadline" in detail, detail
+        assert proxy.count(rf"/manifests/") == 1  # a timeout is not retried inside the call
+        assert running.mounts_under_kubelet() == [] and running.driver.store.modules() == []
+    finally:
+        proxy.clear()
+        stop_driver(running)
+
+
+def test_dripped_blob_headers_free_the_download_slot_at_the_download_deadline(
+    tmp_path: pathlib.Path, proxy: fp.FaultProxy, pushed: Pushed
+) -> None:
+    """The publish would wait 30 s (max_wait_seconds); the download itself ends at its own 3 s deadline,
+    headers included, and the publish says so. Before, the download held its slot until the headers
+    were complete, and the publish answered only at max_wait ("continues")."""
+    proxy.add(rf"^GET /v2/{_repo(pushed)}/blobs/{pushed.layer_digest}", fp.drip_headers(0.5))
+    running = _start(tmp_path, [proxy.host], download_timeout_seconds=3.0)
+    try:
+        code, detail = _failure(running, _through(pushed, proxy))
+        assert code == UNAVAILABLE and "deadline" in detail and "continues" not in detail, detail
+        assert running.driver.puller._flights == {}  # the slot is free again
+        assert not any(running.driver.store.tmp_dir.iterdir())
+    finally:
+        proxy.clear()
+        stop_driver(running)
+
+
+# -- item 3: error bodies are read a few KiB at most, never decoded -------------------------------
+
+
+def test_an_endless_error_body_is_not_read(tmp_path: pathlib.Path, proxy: fp.FaultProxy, pushed: Pushed) -> None:
+    proxy.add(rf"^GET /v2/{_repo(pushed)}/manifests/", fp.endless_chunked(code=404, fill=b"["))
+    running = _start(tmp_path, [proxy.host])
+    try:
+        code, detail = _failure(running, _through(pushed, proxy))
+        assert code == NOT_FOUND, detail
+        # the client hung up after a few KiB; the rest of what the proxy wrote sat in socket buffers
+        assert proxy.bytes_sent("/manifests/") < 16 * 1024 * 1024
+    finally:
+        proxy.clear()
+        stop_driver(running)
+
+
+def test_error_bodies_give_their_codes_but_are_never_inflated(
+    tmp_path: pathlib.Path, proxy: fp.FaultProxy, pushed: Pushed
+) -> None:
+    import gzip
+
+    plain = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}'
+    proxy.add(r"/manifests/plain$", fp.status(404, {"Content-Type": "application/json"}, plain))
+    proxy.add(r"/manifests/zipped$", fp.status(404, {"Content-Encoding": "gzip"}, gzip.compress(plain)))
+    running = _start(tmp_path, [proxy.host])
+    try:
+        repo = f"{proxy.host}/{_repo(pushed)}"
+        assert _failure(running, f"{repo}:plain") == (NOT_FOUND, f"image {repo}:plain: not found in registry "
+                                                                 f"{proxy.host}: MANIFEST_UNKNOWN")  # fmt: skip
+        code, detail = _failure(running, f"{repo}:zipped")
+        assert code == NOT_FOUND and "MANIFEST_UNKNOWN" not in detail  # read as it came: gzip, not JSON
+    finally:
+        stop_driver(running)
+
+
+# -- item 7: a bounded set of sessions --------------------------------------------------------------
+
+
+class KeepAliveRegistries:
+    """``count`` registries (one port each) that answer every request 404 and keep the connection open,
+    as real registries do. ``open_connections`` is how many connections clients still hold open."""
+
+    BODY = b'{"errors":[{"code":"NAME_UNKNOWN"}]}'
+
+    def __init__(self, count: int) -> None:
+        self._selector = selectors.DefaultSelector()
+        self.ports: list[int] = []
+        for _ in range(count):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            listener.setblocking(False)
+            self._selector.register(listener, selectors.EVENT_READ, "listener")
+            self.ports.append(listener.getsockname()[1])
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def hosts(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _serve(self) -> None:
+        answer = (f"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {len(self.BODY)}"
+                  "\r\n\r\n").encode() + self.BODY  # fmt: skip
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if key.data == "listener":
+                    connection, _ = sock.accept()
+                    self._selector.register(connection, selectors.EVENT_READ, b"")
+                    with self._lock:
+                        self._open.add(connection)
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:  # the client closed it
+                    self._selector.unregister(sock)
+                    sock.close()
+                    with self._lock:
+                        self._open.discard(sock)
+                    continue
+                pending = key.data + data
+                while b"\r\n\r\n" in pending:
+                    _, pending = pending.split(b"\r\n\r\n", 1)
+                    sock.sendall(answer)
+                self._selector.modify(sock, selectors.EVENT_READ, pending)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+
+
+@pytest.fixture
+def many_registries() -> Iterator[KeepAliveRegistries]:
+    registries = KeepAliveRegistries(48)
+    yield registries
+    registries.close()
+
+
+def test_connections_to_many_registries_stay_bounded(
+    tmp_path: pathlib.Path, many_registries: KeepAliveRegistries
+) -> None:
+    """Each registry keeps its connection alive after answering; the driver keeps at most
+    MAX_SESSIONS of them (least recently used closed first). It used to keep one per host for ever."""
+    from csi_wasm.registry.sessions import MAX_SESSIONS
+
+    running = _start(tmp_path, many_registries.hosts)
+    try:
+        for host in many_registries.hosts:
+            assert _failure(running, f"{host}/nothing/here:v1")[0] == NOT_FOUND
+        assert MAX_SESSIONS < len(many_registries.hosts)
+        assert _eventually(lambda: 0 < many_registries.open_connections() <= MAX_SESSIONS), (
+            many_registries.open_connections()
+        )
+    finally:
+        stop_driver(running)
+
+
+def test_idle_sessions_are_closed(many_registries: KeepAliveRegistries) -> None:
+    from csi_wasm.registry.sessions import IDLE_SECONDS
+
+    now = [time.monotonic()]
+    client = RegistryClient(NodeConfig(pull=_pull()).with_insecure(many_registries.hosts), clock=lambda: now[0])
+    try:
+        for host in many_registries.hosts[:3]:
+            with pytest.raises(ModuleNotFound):
+                client.fetch_manifest(parse_reference(f"{host}/x:v1"), None)
+        assert many_registries.open_connections() == 3  # kept alive for the next pull from each
+        now[0] += IDLE_SECONDS + 1
+        with pytest.raises(ModuleNotFound):
+            client.fetch_manifest(parse_reference(f"{many_registries.hosts[3]}/x:v1"), None)
+        assert _eventually(lambda: many_registries.open_connections() == 1)
+    finally:
+        client.close()
+
+
+def _eventually(condition: object, timeout: float = 10.0) -> bool:
+    from conftest import wait_for
+
+    return wait_for(condition, timeout)  # type: ignore[arg-type]
+
