@@ -2,9 +2,11 @@
 
 ``Puller.ensure`` is what a publish calls. It answers from the store when it can
 (pinned digest already stored, or a tag resolved within ``tag_cache_seconds``) so
-the hot path makes no network call, and otherwise pulls. Downloads are
-single-flight per layer digest and run on their own bounded pool, so a download
-outlives the gRPC call that started it and kubelet's retry joins it.
+the hot path makes no network call, and otherwise pulls, if ``Admission`` lets it
+(a bounded number of publishes may wait on registries, per registry too). Downloads
+are single-flight per layer digest and run on their own workers, shared fairly
+between registries (``FairDownloads``), so a download outlives the gRPC call that
+started it and kubelet's retry joins it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from csi_wasm.admission import Admission
 from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import (
@@ -36,6 +39,7 @@ from csi_wasm.errors import (
     TooLarge,
     UnsupportedLayout,
 )
+from csi_wasm.downloads import FairDownloads
 from csi_wasm.layouts import ModuleLayer, is_index, select_from_index, select_module_layer
 from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
@@ -100,6 +104,7 @@ class Puller:
         metrics: Metrics,
         auth_cache_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -115,12 +120,11 @@ class Puller:
         # the allow-list and signature requirements live in the node config the client carries
         self.node: NodeConfig = getattr(client, "node", None) or NodeConfig()
         self._signatures = SignatureVerifier(client, self.node)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, config.max_concurrent_downloads), thread_name_prefix="download"
-        )
+        self._admission = admission or Admission(config.max_pulling_publishes, config.max_pulling_publishes_per_registry)
+        self._downloads = FairDownloads(config.max_concurrent_downloads, config.max_concurrent_downloads_per_registry)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._downloads.shutdown(wait=False, cancel_futures=True)
 
     def recently_landed(self) -> set[str]:
         """Modules downloaded in the last ``LANDED_PROTECTION_SECONDS``: not for the garbage collector."""
@@ -153,7 +157,8 @@ class Puller:
                 "pre-pull it with `csi-wasm pull` or use IfNotPresent"
             )
         try:
-            pulled = self._pull(request, deadline)
+            with self._admission.pulling(request.ref.registry, str(request.ref)):
+                pulled = self._pull(request, deadline)
         except DriverError as exc:
             self._metrics.pull_total.labels(exc.reason).inc()
             raise
@@ -224,12 +229,17 @@ class Puller:
         self._remember_authorized(creds, ref, entry.manifest_digest)
 
     def _remember_tag(self, ref: Reference, manifest_digest: str) -> None:
-        now = self._clock()
         with self._lock:
-            previous = self._tags.get(str(ref))
-            self._tags[str(ref)] = _TagEntry(manifest_digest, now)
-        if previous is None or previous.manifest_digest != manifest_digest:
-            self._store.remember_tag(str(ref), manifest_digest, now)
+            self._tags[str(ref)] = _TagEntry(manifest_digest, self._clock())
+
+    def _persist_tag(self, ref: Reference, manifest_digest: str) -> None:
+        """Write the tag entry (for pullPolicy Never after a restart) once its manifest entry exists: the
+        garbage collector drops tag entries whose manifest entry is gone, and must not race a pull."""
+        if ref.digest is not None:
+            return
+        stored = self._store.tag(str(ref))
+        if stored is None or stored[0] != manifest_digest:
+            self._store.remember_tag(str(ref), manifest_digest, self._clock())
 
     def _remember_authorized(self, creds: Credentials | None, ref: Reference, manifest_digest: str) -> None:
         if creds is None:
@@ -255,14 +265,18 @@ class Puller:
             self._remember_authorized(creds, ref, manifest.digest)
         known = self._store.manifest(manifest.digest)
         if known is not None and self._store.has(known.module_digest):
+            self._persist_tag(ref, known.manifest_digest)
             return ResolvedModule(known.module_digest, known.size, known.manifest_digest, known.layout, True)
         layer = select_module_layer(str(ref), manifest.media_type, manifest.body)
+        manifest_digest, used_credentials = manifest.digest, manifest.used_credentials
+        del manifest  # its parsed body may be MiBs: not held while waiting for the download
         stored = self._download(ref, layer, creds, deadline)
-        if self._store.manifest(manifest.digest) is None:  # every caller that joined the download gets here
+        if self._store.manifest(manifest_digest) is None:  # every caller that joined the download gets here
             self._store.remember_manifest(
-                ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
+                ManifestEntry(manifest_digest, stored.digest, stored.size, layer.layout, used_credentials)
             )
-        return ResolvedModule(stored.digest, stored.size, manifest.digest, layer.layout, False)
+        self._persist_tag(ref, manifest_digest)
+        return ResolvedModule(stored.digest, stored.size, manifest_digest, layer.layout, False)
 
     def _download(
         self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None
@@ -285,7 +299,7 @@ class Puller:
                     return existing
             started = flight is None
             if flight is None:
-                flight = self._pool.submit(self._run_download, ref, layer, creds)
+                flight = self._downloads.submit(ref.registry, self._run_download, ref, layer, creds)
                 self._flights[layer.digest] = flight
             else:
                 self._metrics.pull_joins.inc()

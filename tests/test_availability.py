@@ -255,3 +255,76 @@ def _eventually(condition: object, timeout: float = 10.0) -> bool:
 
     return wait_for(condition, timeout)  # type: ignore[arg-type]
 
+
+# -- item 5: slow publishes leave workers for the rest; one registry cannot take every download slot ----
+
+
+@pytest.fixture
+def healthy_proxy(registry: object) -> Iterator[fp.FaultProxy]:
+    with fp.FaultProxy(registry.host) as running:  # type: ignore[attr-defined]
+        yield running
+
+
+def test_a_dripping_registry_next_to_a_healthy_one(
+    tmp_path: pathlib.Path, pusher: Pusher, proxy: fp.FaultProxy, healthy_proxy: fp.FaultProxy
+) -> None:
+    """30 publishes from a registry whose blobs drip (more than the gRPC server has workers): 4 wait (the
+    per-registry cap), the rest are refused at once; 2 of their downloads run (the per-registry download
+    cap), 2 queue. Meanwhile Probe, capabilities, a publish of a stored module and a cold publish from a
+    healthy registry all answer. Then the dripping registry heals and the 4 waiting publishes complete."""
+    from csi_wasm._gen import csi_pb2
+
+    hostile = [pusher.wasm_artifact(f"availability/hostile-{i}", "v1", make_module(4096, f"hostile-{i}"))
+               for i in range(30)]  # fmt: skip
+    warm = pusher.wasm_artifact("availability/warm", "v1", make_module(4096, "warm"))
+    cold = pusher.wasm_artifact("availability/cold", "v1", make_module(4096, "cold"))
+    running = _start(tmp_path, [proxy.host, healthy_proxy.host], max_pulling_publishes=6,
+                     max_pulling_publishes_per_registry=4, max_concurrent_downloads=4,
+                     max_concurrent_downloads_per_registry=2, max_wait_seconds=120.0)  # fmt: skip
+    kubelet = running.kubelet
+    stored = running.volume(_through(warm, healthy_proxy))
+    kubelet.mount(stored, timeout=CALL_TIMEOUT)
+    proxy.add(r"^GET /v2/availability/hostile-\d+/blobs/sha256:", fp.drip(600.0, pieces=600))
+    outcomes: dict[str, grpc.StatusCode | None] = {}
+    start = threading.Barrier(len(hostile))
+
+    def publish(volume: object) -> None:
+        start.wait()
+        try:
+            kubelet.mount(volume, timeout=CALL_TIMEOUT)  # type: ignore[arg-type]
+            outcomes[volume.volume_id] = None  # type: ignore[attr-defined]
+        except grpc.RpcError as exc:
+            outcomes[volume.volume_id] = exc.code()  # type: ignore[attr-defined]
+
+    volumes = [running.volume(_through(p, proxy)) for p in hostile]
+    threads = [threading.Thread(target=publish, args=(v,), daemon=True) for v in volumes]
+    try:
+        for thread in threads:
+            thread.start()
+        settled = _eventually(lambda: len(outcomes) + proxy.count("/manifests/") >= len(hostile), timeout=30)
+        assert settled, "hostile publishes were neither admitted nor refused: the gRPC workers are all parked"
+        assert _eventually(lambda: proxy.count("/blobs/") == 2)
+        assert list(outcomes.values()) == [UNAVAILABLE] * (len(hostile) - 4)  # refused at once, not queued
+        assert running.driver.puller._admission.pulling_now(proxy.host) == 4
+        assert running.driver.puller._downloads.queued(proxy.host) == 2  # waiting their turn, not running
+
+        ready = kubelet.identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+        assert ready.ready.value
+        kubelet.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=10)
+        again = running.volume(_through(warm, healthy_proxy))
+        assert (kubelet.mount(again, timeout=CALL_TIMEOUT) / "plugin.wasm").read_bytes() == make_module(4096, "warm")
+        other = running.volume(_through(cold, healthy_proxy))
+        assert (kubelet.mount(other, timeout=20) / "plugin.wasm").read_bytes() == make_module(4096, "cold")
+        assert healthy_proxy.count(rf"/blobs/{cold.layer_digest}") == 1
+        assert proxy.count("/blobs/") == 2  # the hostile registry's queued downloads still wait
+    finally:
+        proxy.clear()
+        for thread in threads:
+            thread.join(CALL_TIMEOUT)
+    try:
+        assert sorted(outcomes.values(), key=str) == sorted([UNAVAILABLE] * (len(hostile) - 4) + [None] * 4, key=str)
+        assert proxy.count("/blobs/") == 4
+        for volume in [stored, again, other] + [v for v in volumes if outcomes[v.volume_id] is None]:
+            kubelet.unmount(volume)
+    finally:
+        stop_driver(running)

@@ -351,7 +351,7 @@ def test_a_download_that_fails_at_once_does_not_deadlock_the_puller(tmp_path: pa
     from csi_wasm.store import ModuleStore
 
     class Immediate:  # the worst schedule: the download finishes inside submit()
-        def submit(self, fn: Callable[..., object], *args: object) -> concurrent.futures.Future[object]:
+        def submit(self, registry: str, fn: Callable[..., object], *args: object) -> concurrent.futures.Future[object]:
             future: concurrent.futures.Future[object] = concurrent.futures.Future()
             try:
                 future.set_result(fn(*args))
@@ -371,7 +371,7 @@ def test_a_download_that_fails_at_once_does_not_deadlock_the_puller(tmp_path: pa
             yield  # pragma: no cover
 
     puller = Puller(ModuleStore(tmp_path / "store"), RefusingClient(), PullConfig(), Metrics(process=False))  # type: ignore[arg-type]
-    puller._pool = Immediate()  # type: ignore[assignment]
+    puller._downloads = Immediate()  # type: ignore[assignment]
     layer = ModuleLayer("sha256:" + "1" * 64, 10, "application/wasm", "cncf-wasm-artifact", "raw")
     outcome: list[BaseException] = []
 
