@@ -18,7 +18,6 @@ import hashlib
 import io
 import logging
 import posixpath
-import tarfile
 import threading
 import time
 import zlib
@@ -48,6 +47,7 @@ from csi_wasm.reference import Reference
 from csi_wasm.registry import FetchedManifest, RegistryClient
 from csi_wasm.signatures import SignatureVerifier
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
+from csi_wasm.tarstream import TarStream
 
 log = logging.getLogger("csi_wasm.pull")
 MODULE_IN_TAR = "plugin.wasm"
@@ -362,9 +362,8 @@ class Puller:
         reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
         with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as archive:
-                    self._extract_module(ref, archive, ingest.write)
-            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                self._extract_module(ref, TarStream(reader.read, str(ref)), ingest.write)
+            except zlib.error as exc:
                 raise UnsupportedLayout(f"image {ref}: the compat layer is not a valid tar+gzip: {exc}") from exc
             reader.drain()
             if reader.digest != layer.digest:
@@ -373,7 +372,7 @@ class Puller:
                 )
             return ingest.commit(expected_digest=None)
 
-    def _extract_module(self, ref: Reference, archive: tarfile.TarFile, write: Callable[[bytes], None]) -> None:
+    def _extract_module(self, ref: Reference, archive: TarStream, write: Callable[[bytes], None]) -> None:
         for member in archive:
             if posixpath.basename(member.name.rstrip("/")) != MODULE_IN_TAR:
                 continue
@@ -382,18 +381,16 @@ class Puller:
                 raise UnsupportedLayout(
                     f"image {ref}: compat layer entry {member.name[:100]!r} is absolute or climbs out with '..'"
                 )
-            if not member.isreg():
+            if member.kind != "file":
                 raise UnsupportedLayout(
-                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file"
+                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file ({member.kind})"
                 )
             if member.size > self._config.max_module_bytes:
                 raise TooLarge(
                     f"image {ref}: {member.name[:100]!r} is {member.size} bytes, over the node's limit of "
                     f"{self._config.max_module_bytes}"
                 )
-            source = archive.extractfile(member)
-            assert source is not None  # a regular member always has data
-            while chunk := source.read(256 * 1024):
+            for chunk in archive.data(member):
                 write(chunk)
             return
         raise UnsupportedLayout(f"image {ref}: the compat layer holds no {MODULE_IN_TAR}")
