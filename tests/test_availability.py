@@ -328,3 +328,64 @@ def test_a_dripping_registry_next_to_a_healthy_one(
             kubelet.unmount(volume)
     finally:
         stop_driver(running)
+
+
+# -- item 8: the free-space floor while writing; a full disk is RESOURCE_EXHAUSTED ----------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 32 MiB filesystem for the driver's state (a tmpfs, inside the tests' private mount namespace)."""
+    import subprocess
+
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "csi-wasm-test", str(state)], check=True)
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=True)
+
+
+def _compat(pusher: Pusher, name: str, size: int) -> Pushed:
+    """A compat image whose few-KB layer inflates to a module of ``size`` bytes."""
+    return pusher.compat_image(f"availability/{name}", "v1", make_module(size, name))
+
+
+def test_the_free_space_floor_holds_while_a_module_is_written(
+    tmp_path: pathlib.Path, small_disk: pathlib.Path, registry: object, pusher: Pusher
+) -> None:
+    """The layer is a few KB, so the floor holds at the start; the module it inflates to does not fit
+    above the floor. Before, the floor was checked only against the layer's size."""
+    from csi_wasm.config import StoreConfig
+
+    big = _compat(pusher, "inflates-12m", 12 * 1024 * 1024)
+    second = _compat(pusher, "inflates-12m-second", 12 * 1024 * 1024)
+    node = NodeConfig(pull=_pull(), store=StoreConfig(min_free_bytes=16 * 1024 * 1024))
+    running = start_driver(tmp_path, node.with_insecure([registry.host]))  # type: ignore[attr-defined]
+    try:
+        first = running.volume(big.reference)
+        running.kubelet.mount(first, timeout=CALL_TIMEOUT)  # 32 -> 20 MiB free: above the floor
+        code, detail = _failure(running, second.reference)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "floor" in detail, detail
+        store = running.driver.store
+        assert [m.digest for m in store.modules()] == [big.module_digest]
+        assert not any(store.tmp_dir.iterdir())
+        running.kubelet.unmount(first)
+    finally:
+        stop_driver(running)
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(
+    tmp_path: pathlib.Path, small_disk: pathlib.Path, registry: object, pusher: Pusher
+) -> None:
+    from csi_wasm.config import StoreConfig
+
+    huge = _compat(pusher, "inflates-40m", 40 * 1024 * 1024)
+    node = NodeConfig(pull=_pull(), store=StoreConfig(min_free_bytes=0))  # no floor: the disk fills up
+    running = start_driver(tmp_path, node.with_insecure([registry.host]))  # type: ignore[attr-defined]
+    try:
+        code, detail = _failure(running, huge.reference)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in detail, detail
+        assert running.driver.store.modules() == [] and not any(running.driver.store.tmp_dir.iterdir())
+        assert running.mounts_under_kubelet() == []
+    finally:
+        stop_driver(running)
