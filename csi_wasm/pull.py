@@ -271,10 +271,9 @@ class Puller:
         manifest_digest, used_credentials = manifest.digest, manifest.used_credentials
         del manifest  # its parsed body may be MiBs: not held while waiting for the download
         stored = self._download(ref, layer, creds, deadline)
-        if self._store.manifest(manifest_digest) is None:  # every caller that joined the download gets here
-            self._store.remember_manifest(
-                ManifestEntry(manifest_digest, stored.digest, stored.size, layer.layout, used_credentials)
-            )
+        self._store.remember_manifest_once(
+            ManifestEntry(manifest_digest, stored.digest, stored.size, layer.layout, used_credentials)
+        )
         self._persist_tag(ref, manifest_digest)
         return ResolvedModule(stored.digest, stored.size, manifest_digest, layer.layout, False)
 

@@ -5,9 +5,11 @@ Layout under ``<state-dir>/store``::
     modules/sha256/<hex>              one file per module, named by the sha256 of its bytes (0444)
     views/<hex>/<fileName>/<fileName> hard link to the module: the directory a pod's target binds
     manifests/<hex>.json              manifest digest -> module digest, so a pinned reference
-                                      is served from the store without the network
+                                      is served from the store without the network; collected
+                                      once its module is gone
     tags/<sha256 of reference>.json   last manifest digest a tag resolved to (for pullPolicy Never
-                                      after a restart or a `csi-wasm pull`)
+                                      after a restart or a `csi-wasm pull`); written only once its
+                                      manifest entry exists, collected once that entry is gone
     tmp/                              downloads in progress; swept at start
     quarantine/                       modules `csi-wasm store verify` found corrupt
 
@@ -196,6 +198,8 @@ class ModuleStore:
         self._min_free_bytes = min_free_bytes
         self._manifests: dict[str, ManifestEntry] = {}  # dict get/set are atomic under the GIL
         self._lock = threading.Lock()
+        # index entries are written and collected under one lock: a collection never races a pull's write
+        self._index_lock = threading.RLock()
         for directory in (self.modules_dir, self.views_dir, self.manifests_dir, self.tmp_dir, self.tags_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)
 
@@ -345,8 +349,29 @@ class ModuleStore:
 
     def remember_manifest(self, entry: ManifestEntry) -> None:
         path = self.manifests_dir / f"{entry.manifest_digest.removeprefix('sha256:')}.json"
-        write_atomic(path, json.dumps(vars(entry), sort_keys=True).encode())
-        self._manifests[entry.manifest_digest] = entry
+        with self._index_lock:
+            write_atomic(path, json.dumps(vars(entry), sort_keys=True).encode())
+            self._manifests[entry.manifest_digest] = entry
+
+    def remember_manifest_once(self, entry: ManifestEntry) -> None:
+        """Write the entry unless one is there (every publish that joined a download gets here)."""
+        with self._index_lock:
+            if self.manifest(entry.manifest_digest) is None:
+                self.remember_manifest(entry)
+
+    def forget_orphan_manifests(self) -> int:
+        """Remove manifest entries whose module is gone (or that cannot be read); how many."""
+        removed = 0
+        for path in self.manifests_dir.glob("*.json"):
+            digest = f"sha256:{path.stem}"
+            with self._index_lock:
+                entry = self.manifest(digest)
+                if entry is not None and self.has(entry.module_digest):
+                    continue
+                path.unlink(missing_ok=True)
+                self._manifests.pop(digest, None)
+            removed += 1
+        return removed
 
     def manifest(self, manifest_digest: str) -> ManifestEntry | None:
         """What a manifest digest resolved to. Entries are content-addressed and never change, so the
@@ -365,14 +390,31 @@ class ModuleStore:
 
     def remember_tag(self, reference: str, manifest_digest: str, resolved_at: float) -> None:
         record = {"reference": reference, "manifest_digest": manifest_digest, "resolved_at": resolved_at}
-        write_atomic(self._tag_path(reference), json.dumps(record, sort_keys=True).encode())
+        with self._index_lock:
+            write_atomic(self._tag_path(reference), json.dumps(record, sort_keys=True).encode())
 
     def tag(self, reference: str) -> tuple[str, float] | None:
-        try:
-            record = json.loads(self._tag_path(reference).read_bytes())
-            return str(record["manifest_digest"]), float(record["resolved_at"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
+        return _tag_record(self._tag_path(reference))
+
+    def forget_orphan_tags(self) -> int:
+        """Remove tag entries whose manifest entry is gone (or that cannot be read); how many."""
+        removed = 0
+        for path in self.tags_dir.glob("*.json"):
+            with self._index_lock:
+                record = _tag_record(path)
+                if record is not None and self.manifest(record[0]) is not None:
+                    continue
+                path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def _tag_path(self, reference: str) -> pathlib.Path:
         return self.tags_dir / f"{hashlib.sha256(reference.encode()).hexdigest()}.json"
+
+
+def _tag_record(path: pathlib.Path) -> tuple[str, float] | None:
+    try:
+        record = json.loads(path.read_bytes())
+        return str(record["manifest_digest"]), float(record["resolved_at"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
