@@ -128,7 +128,9 @@ def test_a_redirect_to_a_forbidden_address_is_refused_before_connecting(
 def test_the_registry_itself_on_a_metadata_address_is_refused(
     proxied_csi: RunningDriver, dialled: list[object]
 ) -> None:
-    for image in ("169.254.169.254/latest/meta-data:v1", "[fd00:ec2::254]/x:v1", "100.100.100.200/x:v1"):
+    for image in ("169.254.169.254/latest/meta-data:v1", "[fd00:ec2::254]/x:v1", "100.100.100.200/x:v1",
+                  "[64:ff9b::a9fe:a9fe]/x:v1", "[2002:a9fe:a9fe::1]/x:v1", "[::a9fe:a9fe]/x:v1",
+                  "192.0.0.192/opc:v1", "168.63.129.16/machine:v1"):  # fmt: skip
         code, detail = _code(proxied_csi, image)
         assert code == DENIED, detail
     assert dialled == []
@@ -143,7 +145,14 @@ def test_the_registry_itself_on_a_metadata_address_is_refused(
      ("10.1.2.3", "203.0.113.7", ("10.1.0.0/16",), False),  # unless the admin allows the block
      ("127.0.0.1", "127.0.0.1", (), False), ("127.0.0.1", "203.0.113.7", (), True),
      ("0.0.0.0", "203.0.113.7", (), True), ("::1", "2001:db8::1", (), True),
-     ("203.0.113.9", "127.0.0.1", (), False), ("::ffff:10.0.0.1", "203.0.113.7", (), True)],
+     ("203.0.113.9", "127.0.0.1", (), False), ("::ffff:10.0.0.1", "203.0.113.7", (), True),
+     # IPv4 carried in IPv6: NAT64, 6to4, compatible, translated, Teredo; more metadata services
+     ("64:ff9b::a9fe:a9fe", None, (), True), ("64:ff9b:1::a9fe:a9fe", None, (), True),
+     ("2002:a9fe:a9fe::1", None, (), True), ("::a9fe:a9fe", None, (), True), ("::ffff:0:a9fe:a9fe", None, (), True),
+     ("2001:0:4136:e378:8000:63bf:5601:5601", None, (), True), ("64:ff9b::a00:5", "203.0.113.7", (), True),
+     ("64:ff9b::a00:5", None, (), False), ("64:ff9b::cb00:7109", "203.0.113.7", (), False),
+     ("192.0.0.192", None, (), True), ("168.63.129.16", None, (), True), ("fd20:ce::254", None, (), True),
+     ("::1", None, (), False), ("2001:db8::1", "203.0.113.7", (), False)],
 )  # fmt: skip
 def test_the_ssrf_rule(destination: str, origin: str | None, allowed: tuple[str, ...], refused: bool) -> None:
     from csi_wasm.registry import resolve
@@ -152,6 +161,59 @@ def test_the_ssrf_rule(destination: str, origin: str | None, allowed: tuple[str,
         resolve(destination), resolve(origin) if origin else None, [ipaddress.ip_network(n) for n in allowed]
     )
     assert (reason is not None) is refused, reason
+
+
+NAMES = {"metadata.csi-wasm.test": ["169.254.169.254"], "nat64-metadata.csi-wasm.test": ["64:ff9b::a9fe:a9fe"],
+         "private.csi-wasm.test": ["10.0.0.7"], "loopback.csi-wasm.test": ["127.0.0.1"],
+         "mixed.csi-wasm.test": ["127.0.0.1", "169.254.169.254"]}  # fmt: skip
+
+
+@pytest.fixture
+def hosts_file(tmp_path: pathlib.Path) -> Iterator[None]:
+    """Host names the tests resolve: /etc/hosts with NAMES added, bind-mounted over the real one (the test
+    session runs in a private mount namespace, so the host never sees it)."""
+    import subprocess
+
+    hosts = tmp_path / "hosts"
+    extra = "".join(f"{address} {name}\n" for name, addresses in NAMES.items() for address in addresses)
+    hosts.write_text(pathlib.Path("/etc/hosts").read_text() + extra)
+    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "/etc/hosts"], check=True)
+
+
+@pytest.mark.usefixtures("hosts_file")
+@pytest.mark.parametrize("name", ["metadata", "nat64-metadata", "mixed"])
+def test_a_registry_named_by_a_name_that_resolves_to_metadata_is_refused(
+    proxied_csi: RunningDriver, proxy: fp.FaultProxy, name: str, dialled: list[object]
+) -> None:
+    code, detail = _code(proxied_csi, f"{name}.csi-wasm.test:{proxy.port}/x:v1")
+    assert code == DENIED and "metadata" in detail, detail
+    assert dialled == [] and proxy.count() == 0
+
+
+@pytest.mark.usefixtures("hosts_file")
+def test_a_token_realm_or_redirect_by_name_is_resolved_and_refused(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, dialled: list[object]
+) -> None:
+    challenge = 'Bearer realm="https://metadata.csi-wasm.test/token",service="evil"'
+    proxy.add(r"^GET /v2/hostile/registry/manifests/", fp.status(401, {"WWW-Authenticate": challenge}), times=1)
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+    assert code == DENIED and "token realm" in detail and "169.254.169.254" in detail, detail
+    proxy.add(r"^GET /v2/hostile/registry/blobs/", fp.redirect_to("http://private.csi-wasm.test/v2/x"))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host))
+    assert code == DENIED and "redirect" in detail and "10.0.0.0/8" in detail, detail
+    assert dialled == []
+    _nothing_left(proxied_csi)
+
+
+@pytest.mark.usefixtures("hosts_file")
+def test_a_pod_cannot_name_the_nodes_loopback_by_a_name(proxied_csi: RunningDriver, proxy: fp.FaultProxy) -> None:
+    code, detail = _code(proxied_csi, f"loopback.csi-wasm.test:{proxy.port}/x:v1")
+    assert code == DENIED and "loopback" in detail, detail
+    assert proxy.count() == 0  # it listens there: the refusal came before any connection
 
 
 def test_refuse_forbidden_host_names_the_reason() -> None:

@@ -9,7 +9,10 @@ private block* (a registry on 127.0.0.1 may use a token server on 127.0.0.1; a
 public registry may not point the node at 10.0.0.5), or when the node
 configuration lists the block in ``allowed_private_networks``.
 
-Host names are resolved and every address they resolve to must pass.
+Host names are resolved and every address they resolve to must pass. An IPv6 address
+that carries an IPv4 one (mapped, compatible, translated, NAT64, 6to4, Teredo) must
+pass as that IPv4 address too: ``64:ff9b::a9fe:a9fe`` is the metadata service seen
+through a NAT64 gateway.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ FORBIDDEN_NETWORKS = (
     ipaddress.ip_network("169.254.0.0/16"),  # link-local, cloud metadata
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::/32"),  # AWS IPv6 metadata
+    ipaddress.ip_network("fd20:ce::254/128"),  # GCP IPv6 metadata
     ipaddress.ip_network("100.100.100.200/32"),  # Alibaba metadata
+    ipaddress.ip_network("192.0.0.192/32"),  # Oracle Cloud metadata
+    ipaddress.ip_network("168.63.129.16/32"),  # Azure host agent (WireServer)
 )
 # Contacted only as the registry itself, or when the registry is in the same block,
 # or when the node configuration allows the block (allowed_private_networks).
@@ -78,6 +84,29 @@ def _unmapped(ip: IPAddress) -> IPAddress:
     return ip
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: compatible (::a.b.c.d), translated (::ffff:0:a.b.c.d),
+    NAT64 (64:ff9b::a.b.c.d, RFC 6052/8215), 6to4 (2002:AABB:CCDD::) and Teredo (server and client)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    value, low = int(ip), ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    found = []
+    if (value >> 32 == 0 and value > 1) or value >> 32 == 0xFFFF0000 or any(ip in n for n in _NAT64):
+        found.append(low)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
+def _views(ip: IPAddress) -> list[IPAddress]:
+    return [ip, *embedded_ipv4(ip)]
+
+
 def forbidden_reason(
     addresses: Iterable[IPAddress], origin: Iterable[IPAddress] | None, allowed: Iterable[IPNetwork] = ()
 ) -> str | None:
@@ -87,8 +116,8 @@ def forbidden_reason(
     registry (a redirect or a token realm); None when the destination is the registry.
     """
     allowed = tuple(allowed)
-    origin = tuple(origin) if origin is not None else None
-    for ip in addresses:
+    origin = tuple(view for o in origin for view in _views(o)) if origin is not None else None
+    for ip in (view for address in addresses for view in _views(address)):
         if any(ip in network for network in FORBIDDEN_NETWORKS):
             return f"{ip} is a link-local/metadata address"
         if origin is None or any(ip in network for network in allowed if network.version == ip.version):
@@ -106,7 +135,7 @@ def refuse_local_registry(host: str, ref: Reference, allowed: Iterable[IPNetwork
     node configuration (or its block in ``allowed_private_networks``) allows it.
     """
     allowed = tuple(allowed)
-    for ip in resolve(host):
+    for ip in (view for address in resolve(host) for view in _views(address)):
         if any(ip in n for n in LOCAL_NETWORKS) and not any(ip in n for n in allowed if n.version == ip.version):
             raise AccessDenied(
                 f"image {ref}: registry {host[:100]} is a loopback address ({ip}); a pod may not name one. "
