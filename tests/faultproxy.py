@@ -248,6 +248,19 @@ def replace_body(rewrite: Callable[[bytes], bytes], headers: dict[str, str] | No
     return fault
 
 
+def challenge(realm: str | Callable[[Seen], str], service: str = "csi-wasm-test") -> Fault:
+    """A Bearer challenge (401) unless the request carries an Authorization header; then the upstream's answer."""
+
+    def fault(ex: Exchange) -> None:
+        if "Authorization" in ex.seen.headers:
+            passthrough(ex)
+            return
+        where = realm(ex.seen) if callable(realm) else realm
+        ex.send(401, [("WWW-Authenticate", f'Bearer realm="{where}",service="{service}"')], b"")
+
+    return fault
+
+
 @dataclass
 class _Rule:
     pattern: re.Pattern[str]
@@ -421,5 +434,5 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
 __all__ = [
     "FaultProxy", "Seen", "Exchange", "passthrough", "status", "reset_after", "truncate_after", "corrupt",
     "stall_headers", "stall_body", "drip", "redirect_to", "redirect_loop", "oversized", "endless_chunked",
-    "drip_headers", "replace_body",
+    "drip_headers", "replace_body", "challenge",
 ]  # fmt: skip

@@ -383,3 +383,94 @@ def test_bad_allow_list_patterns_are_configuration_errors(pattern: str) -> None:
     assert validate_pattern(pattern)
     with pytest.raises(ConfigError):
         parse_node_config({"allowed_images": [pattern]})
+
+
+# -- hostile answers: manifests and token services ---------------------------------------------------
+
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+GOOD_LAYER = {"mediaType": "application/wasm", "digest": "sha256:" + "1" * 64, "size": 10}
+
+
+def _manifest(**fields: object) -> bytes:
+    import json
+
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"} | fields).encode()
+
+
+HOSTILE_MANIFESTS = [
+    ("200,000 nested arrays", b"[" * 200_000 + b"]" * 200_000, "JSON values"),
+    ("5,000 nested arrays", b"[" * 5_000 + b"]" * 5_000, "nested too deeply"),
+    ("5,000 nested objects", b'{"a":' * 5_000 + b"1" + b"}" * 5_000, "nested too deeply"),
+    ("a JSON list", b"[]", "not a JSON object"),
+    ("not JSON", b"\x89PNG\r\n", "not JSON"),
+    ("layers is a number", _manifest(layers=5), "no layers"),
+    ("layers is an object", _manifest(layers={"mediaType": "application/wasm"}), "no layers"),
+    ("a layer media type that is a list", _manifest(layers=[GOOD_LAYER | {"mediaType": ["application/wasm"]}]),
+     "no Wasm module layer"),
+    ("a last layer media type that is an object", _manifest(layers=[{"mediaType": {"a": 1}, "size": 1}]),
+     "no Wasm module layer"),
+    ("a size that is a string", _manifest(layers=[GOOD_LAYER | {"size": "10"}]), "no valid size"),
+    ("a digest that is a list", _manifest(layers=[GOOD_LAYER | {"digest": ["sha256:1"]}]), "not a sha256 digest"),
+    ("a media type that is a number", _manifest(layers=[GOOD_LAYER]) .replace(b'"application/vnd.oci.image.manifest.v1+json"', b"7"),
+     "unsupported manifest media type"),
+    ("manifests is a number (index)", _manifest(mediaType="application/vnd.oci.image.index.v1+json", manifests=7),
+     "lists no manifests"),
+    ("a platform that is a list (index)",
+     _manifest(mediaType="application/vnd.oci.image.index.v1+json",
+               manifests=[{"digest": "sha256:" + "2" * 64, "platform": ["wasm"]}] * 2), "expected exactly one"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, message", [(b, m) for _, b, m in HOSTILE_MANIFESTS], ids=[n for n, _, _ in HOSTILE_MANIFESTS])
+def test_hostile_manifests_are_refused_precisely(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, body: bytes, message: str
+) -> None:
+    proxy.add(r"^GET /v2/hostile/registry/manifests/", fp.status(200, {"Content-Type": "application/json"}, body))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host))
+    assert (code, message in detail) == (FAILED, True), detail
+    _nothing_left(proxied_csi)
+
+
+TOKEN_ANSWERS = [
+    ("not JSON", fp.status(200, {}, b"<html>sign in</html>"), UNAVAILABLE, "not JSON"),
+    ("a JSON list", fp.status(200, {}, b'["token"]'), UNAVAILABLE, "not a JSON object"),
+    ("nested 30,000 deep", fp.status(200, {}, b"[" * 30_000 + b"]" * 30_000), UNAVAILABLE, "JSON values"),
+    ("nested 5,000 deep", fp.status(200, {}, b"[" * 5_000 + b"]" * 5_000), UNAVAILABLE, "nested too deeply"),
+    ("no token", fp.status(200, {}, b'{"expires_in": 60}'), UNAVAILABLE, "no usable token"),
+    ("a token that is a number", fp.status(200, {}, b'{"token": 12345}'), UNAVAILABLE, "no usable token"),
+    ("a token with a space", fp.status(200, {}, b'{"token": "a b"}'), UNAVAILABLE, "no usable token"),
+    ("a token that injects a header", fp.status(200, {}, b'{"token": "a\\r\\nX-Evil: 1"}'), UNAVAILABLE,
+     "no usable token"),
+    ("a token of 9,000 bytes", fp.status(200, {}, b'{"token": "' + b"t" * 9000 + b'"}'), UNAVAILABLE,
+     "no usable token"),
+    ("gzip the client did not ask for", fp.status(200, {"Content-Encoding": "gzip"}, __import__("gzip").compress(
+        b'{"token": "zipped"}')), UNAVAILABLE, "not JSON"),
+    ("an endless body", fp.endless_chunked(), FAILED, "exceeds the node's limit"),
+    ("headers dripped", fp.drip_headers(0.5), UNAVAILABLE, "deadline"),
+    ("HTTP 401", fp.status(401), DENIED, "refused the pod credentials"),
+    ("HTTP 503", fp.status(503), UNAVAILABLE, "gave up after 2 attempts"),
+    ("a redirect", fp.redirect_to("http://169.254.169.254/token"), UNAVAILABLE, "answered HTTP 307"),
+    ("expires_in that is a word", fp.status(200, {}, b'{"token": "ok", "expires_in": "soon"}'), None, ""),
+    ("expires_in NaN", fp.status(200, {}, b'{"token": "ok", "expires_in": NaN}'), None, ""),
+    ("expires_in 1e308", fp.status(200, {}, b'{"token": "ok", "expires_in": 1e308}'), None, ""),
+    ("expires_in negative", fp.status(200, {}, b'{"token": "ok", "expires_in": -5}'), None, ""),
+    ("access_token", fp.status(200, {}, b'{"access_token": "ok"}'), None, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("answer, expected, message", [(a, e, m) for _, a, e, m in TOKEN_ANSWERS],
+                         ids=[n for n, _, _, _ in TOKEN_ANSWERS])  # fmt: skip
+def test_hostile_token_service_answers(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, answer: fp.Fault,
+    expected: grpc.StatusCode | None, message: str, dialled: list[object],
+) -> None:  # fmt: skip
+    proxy.add(r"^GET /token", answer)
+    proxy.add(r"^GET /v2/", fp.challenge(f"http://{proxy.host}/token"))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+    assert (code, message in detail) == (expected, True), detail
+    sent = {s.headers.get("Authorization", "") for s in proxy.seen(r"^GET /v2/")} - {""}
+    assert sent == ({"Bearer ok"} if expected is None else set())  # nothing else ever became a header
+    assert dialled == []
+    if expected is not None:
+        _nothing_left(proxied_csi)

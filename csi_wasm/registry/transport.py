@@ -182,7 +182,7 @@ class Exchange:
         parts = urllib.parse.urlsplit(url)
         session = self._transport.sessions.get(parts.scheme, parts.netloc, endpoint.verify)
         try:
-            return session.get(
+            response = session.get(
                 url,
                 params=params,
                 headers=headers,
@@ -204,6 +204,10 @@ class Exchange:
             if isinstance(exc, requests.exceptions.ConnectionError):
                 raise Transient(f"{what} cannot be reached: {short(exc)}") from exc
             raise RegistryError(f"{what}: request failed: {short(exc)}") from exc
+        if self.watch.expired:  # cut off mid-headers, what arrived can still parse as a short answer
+            response.close()
+            raise RegistryTimeout(f"{what} did not answer within the deadline")
+        return response
 
     def _follow(self, current: str, location: str, ref: Reference, endpoint: Endpoint) -> str:
         target = urllib.parse.urljoin(current, location)
