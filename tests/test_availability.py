@@ -389,3 +389,74 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(
         assert running.mounts_under_kubelet() == []
     finally:
         stop_driver(running)
+
+
+# -- readiness: until start-up recovery ends, the driver says so ----------------------------------
+
+
+def test_not_ready_until_start_up_recovery_has_finished(
+    tmp_path: pathlib.Path, registry: object, pusher: Pusher
+) -> None:
+    """Probe ready=false, publish and unpublish UNAVAILABLE, /healthz 503 while recovery runs (here it waits
+    for an event); then ready, 200 and a working publish."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import DRIVER_NAME
+    from csi_wasm._gen import csi_pb2
+    from csi_wasm.config import DriverConfig
+    from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
+    from csi_wasm.http import MetricsServer
+    from csi_wasm.recovery import RecoveryReport
+    from csi_wasm.server import Driver, serve
+
+    release, recovering = threading.Event(), threading.Event()
+
+    class SlowRecovery(Driver):
+        def recover(self) -> RecoveryReport:
+            recovering.set()
+            release.wait(60)
+            return super().recover()
+
+    config = DriverConfig(DRIVER_NAME, "test-node", f"unix://{tmp_path}/csi/csi.sock", tmp_path / "state",
+                          tmp_path / "kubelet", NodeConfig(pull=_pull()).with_insecure([registry.host]))  # type: ignore[attr-defined]  # fmt: skip
+    (config.kubelet_dir / "pods").mkdir(parents=True)
+    driver = SlowRecovery(config)
+    stop = threading.Event()
+    server = threading.Thread(target=serve, args=(driver, stop), daemon=True)
+    server.start()
+    metrics = MetricsServer("127.0.0.1", 0, driver.metrics.registry, driver.is_ready).start()
+    kubelet = Kubelet(config.socket_path, config.kubelet_dir)
+
+    def healthz() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/healthz", timeout=30) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    try:
+        assert recovering.wait(30)
+        assert not kubelet.identity.Probe(csi_pb2.ProbeRequest(), timeout=30).ready.value
+        assert healthz() == 503
+        image = pusher.wasm_artifact("availability/filter", "v1", MODULE).reference
+        volume = InlineVolume(new_pod_uid(), "app", "default", "wasm", {"image": image})
+        with pytest.raises(grpc.RpcError) as failure:
+            kubelet.mount(volume, timeout=CALL_TIMEOUT)
+        assert failure.value.code() == UNAVAILABLE and "recovering" in (failure.value.details() or "")
+        with pytest.raises(grpc.RpcError) as failure:
+            kubelet.unmount(volume, timeout=CALL_TIMEOUT)
+        assert failure.value.code() == UNAVAILABLE
+        release.set()
+        assert driver._ready.wait(30)
+        assert kubelet.identity.Probe(csi_pb2.ProbeRequest(), timeout=30).ready.value
+        assert healthz() == 200
+        assert (kubelet.mount(volume, timeout=CALL_TIMEOUT) / "plugin.wasm").read_bytes() == MODULE
+        kubelet.unmount(volume)
+    finally:
+        release.set()
+        kubelet.close()
+        metrics.stop()
+        stop.set()
+        server.join(60)
+
