@@ -115,6 +115,7 @@ class Puller:
         self._tags: dict[str, _TagEntry] = {}
         self._authorized: dict[tuple[str, str, str], float] = {}
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
+        self._resolving: dict[tuple[str, str], concurrent.futures.Future[FetchedManifest]] = {}
         self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
         # the allow-list and signature requirements live in the node config the client carries
@@ -253,7 +254,7 @@ class Puller:
 
     def _pull(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule:
         ref, creds = request.ref, request.credentials
-        manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
+        manifest = self._resolve(ref, creds, deadline)
         self._signatures.verify(ref, manifest.digest, creds, deadline)  # before any blob is downloaded
         if is_index(manifest.media_type, manifest.body):
             child = select_from_index(str(ref), manifest.body)
@@ -276,6 +277,32 @@ class Puller:
         )
         self._persist_tag(ref, manifest_digest)
         return ResolvedModule(stored.digest, stored.size, manifest_digest, layer.layout, False)
+
+    def _resolve(self, ref: Reference, creds: Credentials | None, deadline: float | None) -> FetchedManifest:
+        """The reference's manifest. Publishes of one reference with the same credentials at once share one
+        fetch: a burst of pods costs the registry one manifest GET (Docker Hub counts them), not one each."""
+        key = (str(ref), creds.fingerprint if creds else "")
+        with self._lock:
+            flight = self._resolving.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._resolving[key] = concurrent.futures.Future()
+        if not leading:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return flight.result(timeout)
+            except concurrent.futures.TimeoutError as exc:
+                raise RegistryTimeout(f"image {ref}: the registry did not answer within this call's deadline") from exc
+        try:
+            manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._resolving[key]
+        flight.set_result(manifest)
+        return manifest
 
     def _download(
         self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None

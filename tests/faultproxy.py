@@ -144,6 +144,16 @@ def stall_headers(seconds: float = 300.0) -> Fault:
     return fault
 
 
+def hold(seconds: float = 300.0) -> Fault:
+    """Say nothing until released (or ``seconds``), then answer as the upstream does."""
+
+    def fault(ex: Exchange) -> None:
+        ex.wait(seconds)
+        passthrough(ex)
+
+    return fault
+
+
 def stall_body(after: int = 16, seconds: float = 300.0) -> Fault:
     """Send the headers and ``after`` bytes, then nothing (until released)."""
 
@@ -434,5 +444,5 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
 __all__ = [
     "FaultProxy", "Seen", "Exchange", "passthrough", "status", "reset_after", "truncate_after", "corrupt",
     "stall_headers", "stall_body", "drip", "redirect_to", "redirect_loop", "oversized", "endless_chunked",
-    "drip_headers", "replace_body", "challenge",
+    "drip_headers", "replace_body", "challenge", "hold",
 ]  # fmt: skip

@@ -250,6 +250,51 @@ def test_idle_sessions_are_closed(many_registries: KeepAliveRegistries) -> None:
         client.close()
 
 
+def test_a_retired_session_closes_its_connections_even_while_a_response_is_kept(
+    many_registries: KeepAliveRegistries,
+) -> None:
+    """A response kept alive (a traceback holds one) references its connection pool; retiring the session
+    must still close that pool's connections (urllib3 leaves it to the garbage collector)."""
+    from csi_wasm.registry.sessions import IDLE_SECONDS, SessionPool
+    from csi_wasm.registry.watchdog import WatchSlot
+
+    now = [0.0]
+    pool = SessionPool(WatchSlot(), clock=lambda: now[0])
+    first, second = many_registries.hosts[:2]
+    with pool.use("http", first, True) as session:
+        kept = session.get(f"http://{first}/v2/", timeout=10)
+        kept.content  # read to the end: the connection goes back to the session's pool, kept alive
+    assert _eventually(lambda: many_registries.open_connections() == 1)
+    now[0] += IDLE_SECONDS + 1
+    with pool.use("http", second, True) as session:  # the first session is idle: retired and closed
+        session.get(f"http://{second}/v2/", timeout=10).content
+    assert _eventually(lambda: many_registries.open_connections() == 1)  # only the second's
+    assert kept.status_code == 404
+    pool.close()
+
+
+def test_a_request_on_a_session_retired_under_it_leaves_no_connection_open(
+    many_registries: KeepAliveRegistries,
+) -> None:
+    """A session retired (and closed) while a request is about to start on it: the request opens a new
+    connection pool on it, which the session's second close, when that request is done, closes."""
+    from csi_wasm.registry.sessions import IDLE_SECONDS, SessionPool
+    from csi_wasm.registry.watchdog import WatchSlot
+
+    now = [0.0]
+    pool = SessionPool(WatchSlot(), clock=lambda: now[0])
+    first, second = many_registries.hosts[:2]
+    with pool.use("http", first, True) as held:
+        now[0] += IDLE_SECONDS + 1
+        with pool.use("http", second, True) as other:  # retires the first session (idle), closing it
+            other.get(f"http://{second}/v2/", timeout=10).content
+        held.get(f"http://{first}/v2/", timeout=10).content  # the request that had its session
+        assert _eventually(lambda: many_registries.open_connections() == 2)
+    assert _eventually(lambda: many_registries.open_connections() == 1)  # closed when its request was done
+    pool.close()
+    assert _eventually(lambda: many_registries.open_connections() == 0)
+
+
 def _eventually(condition: object, timeout: float = 10.0) -> bool:
     from conftest import wait_for
 
@@ -460,3 +505,42 @@ def test_not_ready_until_start_up_recovery_has_finished(
         stop.set()
         server.join(60)
 
+
+
+# -- a burst of one new module costs the registry one manifest GET and one blob GET ------------------
+
+
+def test_a_burst_of_publishes_of_one_tag_resolves_it_once(
+    tmp_path: pathlib.Path, proxy: fp.FaultProxy, pusher: Pusher
+) -> None:
+    """16 pods of one new tag at once: the manifest is fetched once (the registry holds it until all 16 are
+    waiting), the blob once; every pod gets the module."""
+    burst = pusher.wasm_artifact("availability/burst", "v1", make_module(8192, "burst"))
+    proxy.add(r"/availability/burst/manifests/v1$", fp.hold())
+    running = _start(tmp_path, [proxy.host], read_timeout_seconds=30.0)
+    volumes = [running.volume(_through(burst, proxy)) for _ in range(16)]
+    errors: list[BaseException] = []
+
+    def publish(volume: object) -> None:
+        try:
+            running.kubelet.mount(volume, timeout=CALL_TIMEOUT)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(v,)) for v in volumes]
+    try:
+        for thread in threads:
+            thread.start()
+        assert _eventually(lambda: running.driver.puller._admission.pulling_now(proxy.host) == 16, timeout=30)
+    finally:
+        proxy.clear()
+        for thread in threads:
+            thread.join(CALL_TIMEOUT)
+    try:
+        assert errors == []
+        assert proxy.count("/manifests/") == 1 and proxy.count("/blobs/") == 1
+        for volume in volumes:
+            assert (running.kubelet.target_path(volume) / "plugin.wasm").read_bytes() == make_module(8192, "burst")
+            running.kubelet.unmount(volume)
+    finally:
+        stop_driver(running)

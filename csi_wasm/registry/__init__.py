@@ -6,6 +6,9 @@ What a node agent cannot leave to an HTTP library is owned here, one module per 
 | --- | --- |
 | ``client`` | ``RegistryClient``: manifests and blobs across mirrors; the API the puller uses |
 | ``transport`` | one bounded exchange: send, redirects by hand, status, body reading (``BlobStream``) |
+| ``watchdog`` | the exchange's total deadline, headers and TLS handshake included |
+| ``sessions`` | HTTP sessions per registry, bounded and idle-closed; connections that report their sockets |
+| ``bodies`` | bodies read whole: the node's memory budget, JSON counted before it is parsed |
 | ``auth`` | 401 challenges: Basic, Bearer tokens per registry, scope and credential |
 | ``retry`` | bounded retries of transient failures, backoff, ``Retry-After``, the call's deadline |
 | ``ssrf`` | which addresses may be contacted on a registry's behalf |

@@ -6,17 +6,23 @@ cache is bounded: at most ``max_sessions`` registries, the least recently used
 one is closed first, and a session idle for ``idle_seconds`` is closed at the next
 use of the pool. (Every distinct registry host used to keep a session and a
 socket for ever: at about 1,000 hosts the driver ran out of file descriptors.)
-Closing a session never breaks an exchange in flight: urllib3 closes a checked-out
-connection only when it is returned.
+
+A session taken out of the pool is closed at once, and again when each request
+that had already got it (``SessionPool.use``) is done: a request on a session
+closed under it opens a new connection pool, which that second close closes. A
+response still being read is unaffected: urllib3 closes its connection when it is
+returned to a closed pool.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.cookiejar
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import requests
 import requests.adapters
@@ -73,6 +79,10 @@ class _PoolManager(urllib3.poolmanager.PoolManager):
         super().__init__(**kwargs)
         self.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._watch_slot = watch_slot
+        # urllib3 2 drops evicted and cleared pools without closing them: their idle connections close
+        # only when the pool is garbage-collected, which a response kept by a traceback can put off until
+        # the cyclic collector runs. Closing a session must close its sockets now.
+        self.pools.dispose_func = _close_pool
 
     def _new_pool(
         self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
@@ -80,6 +90,10 @@ class _PoolManager(urllib3.poolmanager.PoolManager):
         context = dict(self.connection_pool_kw if request_context is None else request_context)
         context["watch_slot"] = self._watch_slot  # handed to each connection the pool makes
         return super()._new_pool(scheme, host, port, context)
+
+
+def _close_pool(pool: urllib3.connectionpool.HTTPConnectionPool) -> None:
+    pool.close()
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
@@ -103,6 +117,13 @@ def new_session(watch_slot: WatchSlot) -> requests.Session:
     return session
 
 
+@dataclass
+class _Held:
+    session: requests.Session
+    used: float
+    retired: bool = False  # taken out of the pool and closed; closed again by each user when done
+
+
 class SessionPool:
     def __init__(
         self,
@@ -115,24 +136,28 @@ class SessionPool:
         self._clock = clock
         self._max_sessions = max(1, max_sessions)
         self._idle_seconds = idle_seconds
-        self._sessions: collections.OrderedDict[tuple[str, str, bool | str], tuple[requests.Session, float]] = (
-            collections.OrderedDict()
-        )
+        self._sessions: collections.OrderedDict[tuple[str, str, bool | str], _Held] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, scheme: str, host: str, verify: bool | str) -> requests.Session:
+    @contextlib.contextmanager
+    def use(self, scheme: str, host: str, verify: bool | str) -> Iterator[requests.Session]:
+        """The session for this registry, for one request."""
         key = (scheme, host, verify)
         now = self._clock()
         with self._lock:
-            closing = self._expired(now)
-            entry = self._sessions.pop(key, None)
-            session = entry[0] if entry is not None else new_session(self._watch_slot)
-            self._sessions[key] = (session, now)  # most recently used last
+            retiring = [self._sessions.pop(k) for k, old in list(self._sessions.items())
+                        if k != key and now - old.used > self._idle_seconds]  # fmt: skip
+            held = self._sessions.pop(key, None) or _Held(new_session(self._watch_slot), now)
+            held.used = now
+            self._sessions[key] = held  # most recently used last
             while len(self._sessions) > self._max_sessions:
-                closing.append(self._sessions.popitem(last=False)[1][0])
-        for old in closing:
-            old.close()
-        return session
+                retiring.append(self._sessions.popitem(last=False)[1])
+        _retire(retiring)
+        try:
+            yield held.session
+        finally:
+            if held.retired:  # closed under this request, which may have opened a new pool on it
+                held.session.close()
 
     def __len__(self) -> int:
         with self._lock:
@@ -140,11 +165,12 @@ class SessionPool:
 
     def close(self) -> None:
         with self._lock:
-            closing = [session for session, _ in self._sessions.values()]
+            retiring = list(self._sessions.values())
             self._sessions.clear()
-        for session in closing:
-            session.close()
+        _retire(retiring)
 
-    def _expired(self, now: float) -> list[requests.Session]:
-        idle = [key for key, (_, used) in self._sessions.items() if now - used > self._idle_seconds]
-        return [self._sessions.pop(key)[0] for key in idle]
+
+def _retire(sessions: list[_Held]) -> None:
+    for held in sessions:
+        held.retired = True
+        held.session.close()

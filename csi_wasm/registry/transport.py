@@ -180,17 +180,17 @@ class Exchange:
         self, endpoint: Endpoint, url: str, headers: dict[str, str], what: str, params: dict[str, str] | None = None
     ) -> requests.Response:
         parts = urllib.parse.urlsplit(url)
-        session = self._transport.sessions.get(parts.scheme, parts.netloc, endpoint.verify)
         try:
-            response = session.get(
-                url,
-                params=params,
-                headers=headers,
-                stream=True,
-                verify=endpoint.verify,
-                allow_redirects=False,
-                timeout=self.timeouts(),
-            )
+            with self._transport.sessions.use(parts.scheme, parts.netloc, endpoint.verify) as session:
+                response = session.get(
+                    url,
+                    params=params,
+                    headers=headers,
+                    stream=True,
+                    verify=endpoint.verify,
+                    allow_redirects=False,
+                    timeout=self.timeouts(),
+                )
         except requests.exceptions.RequestException as exc:
             if self.watch.expired:
                 raise RegistryTimeout(f"{what} did not answer within the deadline") from exc
