@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 import faultproxy as fp
-from conftest import DriverProcess, driver_process
+from conftest import DriverProcess, driver_process, wait_for
 from csi_wasm._gen import csi_pb2
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
@@ -214,3 +214,37 @@ def test_compat_layers_with_huge_tar_headers_stay_within_the_limit(
     _alive(driver, group, kubelet)
     assert codes == [FAILED_PRECONDITION] * 2
     assert gzip.decompress(_hostile_tar(tarfile.XHDTYPE, 10_000))[512:522] == b"10000 comm"  # the layer is what it says
+
+
+def test_publishes_waiting_for_downloads_hold_no_manifest(
+    limited: tuple[DriverProcess, MemoryGroup, Kubelet], proxy: fp.FaultProxy, registry: LocalRegistry
+) -> None:
+    """16 publishes whose valid manifests carry a 4 MiB annotation (16 MiB once parsed) wait for their
+    blobs, which the registry holds back: the parsed manifests are not kept while they wait."""
+    driver, group, kubelet = limited
+    pusher = Pusher(registry.host)
+    modules = [pusher.wasm_artifact(f"memory/held-{i}", "v1", make_module(4096, f"held-{i}")) for i in range(16)]
+    note = "\U0001F600" + "a" * (4 * MiB - 4096)
+
+    def padded(body: bytes) -> bytes:
+        manifest = json.loads(body)
+        manifest["annotations"] = {"note": note}
+        return json.dumps(manifest, ensure_ascii=False).encode()
+
+    proxy.add(r"/memory/held-\d+/manifests/", fp.replace_body(padded))
+    proxy.add(r"/memory/held-\d+/blobs/sha256:", fp.hold())
+    images = [f"{proxy.host}/memory/held-{i}:v1" for i in range(len(modules))]
+    outcome: list[list[grpc.StatusCode | None]] = []
+    publishing = threading.Thread(target=lambda: outcome.append(_publish_all(kubelet, images)))
+    publishing.start()
+    try:  # every manifest fetched and parsed in turn (the memory budget), then the publishes wait
+        died = lambda: driver.process is None or driver.process.poll() is not None  # noqa: E731
+        assert wait_for(lambda: proxy.count("/blobs/") == 2 or died(), timeout=120)  # 2 per registry run
+        assert wait_for(lambda: proxy.count("/manifests/") == len(images) or died(), timeout=120)
+        _alive(driver, group, kubelet)
+    finally:
+        proxy.clear()
+        publishing.join(150)
+    _alive(driver, group, kubelet)
+    assert outcome == [[None] * len(images)]
+    print(f"peak memory of the driver's group: {group.peak() / MiB:.1f} MiB")
