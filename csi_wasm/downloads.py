@@ -37,7 +37,8 @@ class FairDownloads:
                 raise RuntimeError("the download workers are shut down")
             self._queues.setdefault(registry, collections.deque()).append((future, fn, args))
             if len(self._threads) < self.workers:
-                thread = threading.Thread(target=self._work_loop, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                name = f"{self._name}-{len(self._threads)}"
+                thread = threading.Thread(target=self._work_loop, name=name, daemon=True)
                 self._threads.append(thread)
                 thread.start()
             self._work.notify()

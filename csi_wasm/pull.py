@@ -121,7 +121,9 @@ class Puller:
         # the allow-list and signature requirements live in the node config the client carries
         self.node: NodeConfig = getattr(client, "node", None) or NodeConfig()
         self._signatures = SignatureVerifier(client, self.node)
-        self._admission = admission or Admission(config.max_pulling_publishes, config.max_pulling_publishes_per_registry)
+        self._admission = admission or Admission(
+            config.max_pulling_publishes, config.max_pulling_publishes_per_registry
+        )
         self._downloads = FairDownloads(config.max_concurrent_downloads, config.max_concurrent_downloads_per_registry)
 
     def close(self) -> None:

@@ -208,14 +208,18 @@ def _pax_records(data: bytes, image: str) -> dict[str, str]:
     while position < len(data) and data[position] != 0:
         space = data.find(b" ", position)
         length = data[position:space]
-        if space < 0 or not length.isdigit() or int(length) < space - position + 3:
-            raise UnsupportedLayout(f"image {image}: the compat layer is not a valid tar+gzip: a pax record is malformed")
+        if space < 0 or not length.isdigit() or not space - position + 3 <= int(length) <= len(data) - position:
+            raise _malformed_pax(image)
         record = data[space + 1 : position + int(length)]
         position += int(length)
         key, equals, value = record.rstrip(b"\n").partition(b"=")
         if not equals or not record.endswith(b"\n"):
-            raise UnsupportedLayout(f"image {image}: the compat layer is not a valid tar+gzip: a pax record is malformed")
+            raise _malformed_pax(image)
         name = _text(key)
         if name in ("path", "size") or name.startswith("GNU.sparse."):
             records[name] = _text(value)
     return records
+
+
+def _malformed_pax(image: str) -> UnsupportedLayout:
+    return UnsupportedLayout(f"image {image}: the compat layer is not a valid tar+gzip: a pax record is malformed")

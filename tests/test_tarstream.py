@@ -135,6 +135,26 @@ def test_a_damaged_archive_is_refused(damage: object, message: str) -> None:
         _ours(damage(data))  # type: ignore[operator]
 
 
+def _pax_with(damage: object) -> bytes:
+    data = _write([("p" * 300, "file", b"x")], tarfile.PAX_FORMAT)  # the long name goes in a pax header
+    assert data is not None
+    return damage(data)  # type: ignore[operator,no-any-return]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d[:512] + b"9" * (d.index(b" path=") - 512) + d[d.index(b" path="):],  # a length past the header
+    lambda d: d[:512] + b"1" + d[513:],  # a length too short to hold its own key
+    lambda d: d.replace(b" path=", b" path:", 1),  # no '='
+])  # fmt: skip
+def test_a_malformed_pax_record_is_refused(damage: object) -> None:
+    data = _pax_with(damage)
+    header = bytearray(data[:512])  # keep the pax header's own checksum right: only its records are damaged
+    header[148:156] = b" " * 8
+    header[148:155] = f"{sum(header):06o}\0".encode()
+    with pytest.raises(UnsupportedLayout, match="pax record is malformed"):
+        _ours(bytes(header) + data[512:])
+
+
 def test_an_old_gnu_sparse_entry_is_skipped_with_its_extension_blocks() -> None:
     header = bytearray(_header("sparse", tarfile.GNUTYPE_SPARSE, 512))
     header[482] = 1  # one extension block follows

@@ -80,7 +80,9 @@ class BlobStream:
         length = response.headers.get("Content-Length", "")
         self.content_length = int(length) if length.isdigit() else None
         if limit is not None and self.content_length is not None and self.content_length > limit:
-            raise TooLarge(f"{what}: the registry announces {self.content_length} bytes, more than the {limit} expected")
+            raise TooLarge(
+                f"{what}: the registry announces {self.content_length} bytes, more than the {limit} expected"
+            )
 
     def __iter__(self) -> Iterator[bytes]:
         raw = self._response.raw
