@@ -154,6 +154,20 @@ def hold(seconds: float = 300.0) -> Fault:
     return fault
 
 
+def hold_tail(answer: bytes | None = None, count: int = 1, seconds: float = 300.0) -> Fault:
+    """An answer (the upstream's, or 200 with ``answer``), Content-Length and all, but its last ``count``
+    bytes, which wait for a release."""
+
+    def fault(ex: Exchange) -> None:
+        code, headers, body = ex.upstream() if answer is None else (200, [], answer)
+        ex.send_head(code, headers, len(body))
+        ex.write(body[:-count])
+        ex.wait(seconds)
+        ex.write(body[-count:])
+
+    return fault
+
+
 def stall_body(after: int = 16, seconds: float = 300.0) -> Fault:
     """Send the headers and ``after`` bytes, then nothing (until released)."""
 
@@ -444,5 +458,5 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
 __all__ = [
     "FaultProxy", "Seen", "Exchange", "passthrough", "status", "reset_after", "truncate_after", "corrupt",
     "stall_headers", "stall_body", "drip", "redirect_to", "redirect_loop", "oversized", "endless_chunked",
-    "drip_headers", "replace_body", "challenge", "hold",
+    "drip_headers", "replace_body", "challenge", "hold", "hold_tail",
 ]  # fmt: skip

@@ -115,32 +115,44 @@ def _small_values(size: int) -> bytes:
     return head + b",".join([b"{}"] * count) + b"]}"
 
 
-def _one_long_string(size: int) -> bytes:
-    """A valid manifest whose one annotation fills it up, with a character outside the BMP, so Python
-    stores every character of the decoded text in 4 bytes: about 36 MB to parse 4 MiB."""
+def _valid_manifest(size: int) -> bytes:
+    """A valid manifest of ``size`` bytes (an annotation fills it up) whose layer is not in the registry."""
     head = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                        "layers": [{"mediaType": "application/wasm", "digest": "sha256:" + "0" * 64, "size": 4096}],
-                       "annotations": {"note": "\U0001F600"}}, ensure_ascii=False).encode()  # fmt: skip
-    pad = size - len(head) - 2
-    return head[:-3] + b"a" * pad + head[-3:]
+                       "annotations": {"note": ""}}).encode()  # fmt: skip
+    return head[:-3] + b"a" * (size - len(head)) + head[-3:]
 
 
 def test_concurrent_large_manifests_stay_within_the_limit(
     limited: tuple[DriverProcess, MemoryGroup, Kubelet], proxy: fp.FaultProxy
 ) -> None:
+    """8 manifests of small values are refused unparsed. Then 64 valid 4 MiB manifests arrive at once, all
+    but their last byte, which the registry holds back: read at once they would hold 256 MiB. Each read
+    first reserves its worst case from pull.max_buffered_bytes, so they are read (and parsed) in turn."""
     driver, group, kubelet = limited
     size = 4 * MiB - 1024  # under the 4 MiB cap
-    small, long = _small_values(size), _one_long_string(size)
-    assert len(small) <= 4 * MiB and len(long) <= 4 * MiB
-    json.loads(long)  # valid JSON: only the memory budget stands between it and the limit
+    small, large = _small_values(size), _valid_manifest(size)
+    assert len(small) <= 4 * MiB and len(json.loads(large)["annotations"]["note"]) > 4 * MiB - 2048
     proxy.add(r"/memory/small-\d+/manifests/", fp.status(200, {"Content-Type": OCI_MANIFEST}, small))
-    proxy.add(r"/memory/long-\d+/manifests/", fp.status(200, {"Content-Type": OCI_MANIFEST}, long))
     codes = _publish_all(kubelet, [f"{proxy.host}/memory/small-{i}:v1" for i in range(8)])
     _alive(driver, group, kubelet)
     assert codes == [FAILED_PRECONDITION] * 8, codes
-    codes = _publish_all(kubelet, [f"{proxy.host}/memory/long-{i}:v1" for i in range(16)])
+    repos = [f"memory/large-{i}" for i in range(64)]
+    proxy.add(r"/memory/large-\d+/manifests/", fp.hold_tail(large))
+    outcome: list[list[grpc.StatusCode | None]] = []
+    publishing = threading.Thread(target=lambda: outcome.append(
+        _publish_all(kubelet, [f"{proxy.host}/{repo}:v1" for repo in repos])))  # fmt: skip
+    publishing.start()
+    try:
+        died = lambda: driver.process is None or driver.process.poll() is not None  # noqa: E731
+        assert wait_for(lambda: proxy.count("/memory/large-") == len(repos) or died(), timeout=120)
+        wait_for(died, timeout=5)  # had every body been read at once, the driver would be dead by now
+        _alive(driver, group, kubelet)
+    finally:
+        proxy.clear()
+        publishing.join(150)
     _alive(driver, group, kubelet)
-    assert codes == [NOT_FOUND] * 16, codes  # parsed (in turn), then its layer is not in the registry
+    assert outcome == [[NOT_FOUND] * len(repos)], outcome  # parsed, in turn; then their layer is not there
     print(f"peak memory of the driver's group: {group.peak() / MiB:.1f} MiB")
 
 
