@@ -54,9 +54,20 @@ class PullConfig:
     max_module_bytes: int = 256 * MiB
     tag_cache_seconds: float = 300.0
     max_concurrent_downloads: int = 4
+    # of which one registry may run at once (the others wait their turn, csi_wasm.downloads): a registry
+    # that drips its blobs cannot take every download slot from the others
+    max_concurrent_downloads_per_registry: int = 2
     # How long one publish waits for a download before answering UNAVAILABLE (the download goes on
     # and kubelet's retry joins it): keeps every answer well inside kubelet's 2-minute call timeout.
     max_wait_seconds: float = 60.0
+    # Registry answers read whole (manifests, tokens, signature payloads) that all publishes together may
+    # hold in memory, each counted at its worst case while parsed (csi_wasm.registry.bodies).
+    max_buffered_bytes: int = 64 * MiB
+    # Publishes that may wait on registries at once (resolving, downloading or waiting for a download), in
+    # all and per registry; the next answers UNAVAILABLE at once (csi_wasm.admission). The gRPC server
+    # keeps workers beyond these for Probe, unpublish and publishes of stored modules.
+    max_pulling_publishes: int = 96
+    max_pulling_publishes_per_registry: int = 64
 
 
 @dataclass(frozen=True)

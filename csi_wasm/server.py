@@ -33,7 +33,9 @@ from csi_wasm.store import ModuleStore
 from csi_wasm.topology import require_shared_pods_dir
 
 log = logging.getLogger("csi_wasm.server")
-GRPC_WORKERS = 16
+# gRPC workers beyond the publishes that may wait on registries (pull.max_pulling_publishes, enforced by
+# csi_wasm.admission): Probe, capabilities, unpublish and publishes of stored modules always find one.
+FAST_WORKERS = 16
 STOP_GRACE_SECONDS = 30.0
 
 
@@ -111,8 +113,9 @@ class Driver:
         return report
 
     def grpc_server(self) -> grpc.Server:
+        workers = self.config.node.pull.max_pulling_publishes + FAST_WORKERS
         server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -127,6 +130,7 @@ class Driver:
         self._stop_background.set()
         self.gc.trigger()
         self.puller.close()
+        self.client.close()
 
 
 def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:

@@ -45,6 +45,7 @@ from csi_wasm.publish import KNOWN_ATTRIBUTES, MAX_PATH_BYTES, VolumeSpec
 from csi_wasm.pull import Puller
 from csi_wasm.reference import parse_reference
 from csi_wasm.store import ModuleStore
+from csi_wasm.tarstream import MAX_METADATA_BYTES
 
 MODULE = make_module(4096, "hostile")
 SAFE_REFERENCE = re.compile(r"[A-Za-z0-9._:/@\-\[\]]+")
@@ -251,6 +252,8 @@ DATA = [MODULE, b"", b"not wasm at all", b"\0asm\x01\0\0\0", make_module(70 * 10
 
 def _expected(members: list[tuple[str, str, bytes]]) -> bytes | None:
     for name, kind, data in members:
+        if kind in ("sym", "lnk") and len(data) > MAX_METADATA_BYTES:
+            return None  # its link name needs a pax header larger than a node reads: the layer is refused
         if name.rstrip("/").rsplit("/", 1)[-1] != "plugin.wasm":
             continue
         if name.startswith("/") or ".." in name.split("/") or kind != "reg" or len(data) > 64 * 1024:

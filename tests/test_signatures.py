@@ -115,6 +115,7 @@ def test_a_module_without_a_valid_signature_is_refused_before_download(
     code, detail = _publish(signed_csi, pushed.reference)
     assert code == DENIED, detail
     assert "cosign signature" in detail
+    registry.sync()
     assert registry.blob_gets(repo, pushed.layer_digest) == 0  # refused before the module was downloaded
     assert signed_csi.driver.store.modules() == [] and signed_csi.mounts_under_kubelet() == []
 
@@ -139,9 +140,11 @@ def test_a_stored_unsigned_module_is_not_served_once_signatures_are_required(
                               (unsigned.reference, "Never"), (unsigned.pinned, "Never")):  # fmt: skip
             code, detail = _publish(strict, image, pullPolicy=policy)
             assert code == DENIED, (image, policy, detail)
+        registry.sync()
         blob_gets = registry.blob_gets("signed/prepulled-ok", signed.layer_digest)
         for image, policy in ((signed.pinned, "Never"), (signed.reference, "IfNotPresent")):
             assert _publish(strict, image, pullPolicy=policy) == (None, "")
+        registry.sync()
         assert registry.blob_gets("signed/prepulled-ok", signed.layer_digest) == blob_gets  # served from the store
     finally:
         stop_driver(strict)
