@@ -1,11 +1,14 @@
 # syntax=docker/dockerfile:1
 # csi-wasm node plugin image: the package and its runtime dependencies in a virtualenv on a slim
-# Python base; no compiler, no pip in the final stage.
+# Python base; no compiler, no pip, setuptools or wheel in the final stage.
 #
 #   docker build -t <your-registry>/csi-wasm:0.1.0 .
 #
 # Both stages use the same base (the virtualenv links to its interpreter). Pinned by tag and digest;
-# refresh both together.
+# refresh both together. NOT VERIFIED: this tag and digest were copied, never checked against a
+# registry; none that serves python images was reachable where this file is built and tested
+# (scripts/image.sh builds it on a local stand-in base through this ARG). Before relying on the pin,
+# confirm it: `docker buildx imagetools inspect python:3.11.17-slim` prints the index digest.
 ARG PYTHON_IMAGE=python:3.11.17-slim@sha256:45037981b62b34b44602584fccbc4d884d5f7dc92c7ee86bb38a698a79fe1e51
 
 FROM ${PYTHON_IMAGE} AS build
@@ -15,13 +18,13 @@ COPY deploy/constraints.txt pyproject.toml README.md ./
 COPY csi_wasm ./csi_wasm
 # Dependencies first, exactly the pinned versions and only as wheels (every one ships a manylinux
 # wheel for CPython 3.11, grpcio and rpds-py included), so nothing is compiled; then the package
-# itself without resolving again; `pip check` proves the set is complete and consistent. Pip leaves
-# the virtualenv once it has done its job.
-RUN python -m venv /opt/csi-wasm \
- && /opt/csi-wasm/bin/pip install --no-cache-dir --only-binary=:all: --requirement constraints.txt \
- && /opt/csi-wasm/bin/pip install --no-cache-dir --no-deps . \
- && /opt/csi-wasm/bin/pip check \
- && /opt/csi-wasm/bin/pip uninstall --yes pip \
+# itself without resolving again; `pip check` proves the set is complete and consistent. The base
+# image's pip installs into the virtualenv (--python), which never gets pip or setuptools of its own:
+# on 3.11 `venv` seeds both, and uninstalling pip alone left setuptools in the image.
+RUN python -m venv --without-pip /opt/csi-wasm \
+ && python -m pip --python /opt/csi-wasm/bin/python install --no-cache-dir --only-binary=:all: --requirement constraints.txt \
+ && python -m pip --python /opt/csi-wasm/bin/python install --no-cache-dir --no-deps . \
+ && python -m pip --python /opt/csi-wasm/bin/python check \
  && /opt/csi-wasm/bin/python -m compileall -q /opt/csi-wasm/lib
 
 FROM ${PYTHON_IMAGE}

@@ -21,6 +21,7 @@ import grpc
 
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
+from csi_wasm.topology import share_directory
 
 CALL_TIMEOUT = 120.0  # kubelet's per-call timeout
 
@@ -56,7 +57,7 @@ class DriverProcess:
 
     def start(self, timeout: float = 60.0) -> float:
         """Start the driver; return the seconds from spawn until Probe answers ready=true."""
-        (self.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
+        share_directory(self.kubelet_dir / "pods")  # as on a node: the driver refuses a private pods dir
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")

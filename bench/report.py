@@ -210,7 +210,7 @@ def figure_rows(f: dict[str, Any]) -> list[list[str]]:
     rows = [
         row("Probe (gRPC floor)", f["probe"]),
         row("bind + ro remount + umount (syscalls)", f["mount_bare"]),
-        row("same via LinuxMounter (checks mountinfo)", f["mount_mounter"]),
+        row("LinuxMounter: target walk, read-only copy attached, unmount", f["mount_mounter"]),
         row("warm publish", f["warm_publish"], f"{f['warm_publish']['p50'] / probe:.2f}x Probe"),
         row("warm unpublish", f["warm_unpublish"], f"{f['warm_unpublish']['p50'] / probe:.2f}x Probe"),
     ]

@@ -21,7 +21,7 @@ import grpc
 from csi_wasm import __version__
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
-from csi_wasm.mounts import LinuxMounter
+from csi_wasm.mounts import LinuxMounter, unmount_path
 
 from bench import report, scenarios
 from bench.driver import Client, DriverProcess
@@ -62,10 +62,9 @@ def machine() -> dict[str, Any]:
 
 
 def _unmount_all_under(root: pathlib.Path) -> None:
-    mounter = LinuxMounter()
-    for entry in sorted(mounter.mounts(), key=lambda m: m.mount_point, reverse=True):
+    for entry in sorted(LinuxMounter().mounts(), key=lambda m: m.mount_point, reverse=True):
         if entry.mount_point.startswith(f"{root}/"):
-            mounter.unmount(pathlib.Path(entry.mount_point))  # only after a failed run
+            unmount_path(pathlib.Path(entry.mount_point))  # the pods dir's shared mount, and more after a failed run
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,8 +7,6 @@ figures taken minutes apart on the same machine.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import logging
 import os
@@ -20,12 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from csi_wasm import mounts
+from csi_wasm import mounts, syscalls
 from csi_wasm._gen import csi_pb2
 from csi_wasm.demo.kubelet import InlineVolume
 from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
+from csi_wasm.targets import Targets
 
 from bench.driver import CALL_TIMEOUT, Client, DriverProcess
 from bench.plan import MiB, Plan
@@ -69,34 +68,31 @@ def repo_of(pushed: Pushed) -> str:
 
 
 class MountFloor:
-    """Bind + ro remount + unmount, in this process: bare syscalls, and the driver's own LinuxMounter."""
+    """Bind + ro remount + unmount, in this process: bare syscalls, and the driver's own LinuxMounter
+    (which opens the target beneath a pods dir and attaches a read-only copy with the new mount API)."""
 
     def __init__(self, workdir: pathlib.Path) -> None:
         self.source = workdir / "floor" / "source"
-        self.target = workdir / "floor" / "target"
+        self.target = workdir / "floor" / "kubelet" / "pods" / "target"
         self.source.mkdir(parents=True, exist_ok=True)
         self.target.mkdir(parents=True, exist_ok=True)
         (self.source / "plugin.wasm").write_bytes(make_module(1024))
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-        self._libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        self._mounter = mounts.LinuxMounter()
+        self._targets = Targets(workdir / "floor" / "kubelet")
+        self._mounter = mounts.LinuxMounter(staging_dir=workdir / "floor" / "staging")
 
     def bare(self) -> float:
         source, target = bytes(self.source), bytes(self.target)
         started = time.perf_counter()
-        ok = self._libc.mount(source, target, None, mounts.MS_BIND, None) == 0
-        ok = ok and self._libc.mount(None, target, None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.READ_ONLY_FLAGS, None) == 0
-        ok = ok and self._libc.umount2(target, mounts.UMOUNT_NOFOLLOW) == 0
-        elapsed = time.perf_counter() - started
-        if not ok:
-            raise OSError(ctypes.get_errno(), f"mount floor: {os.strerror(ctypes.get_errno())}")
-        return elapsed
+        syscalls.mount(source, target, syscalls.MS_BIND)
+        syscalls.mount(None, target, syscalls.MS_REMOUNT | syscalls.MS_BIND | mounts.READ_ONLY_FLAGS)
+        syscalls.umount2(target, syscalls.UMOUNT_NOFOLLOW)
+        return time.perf_counter() - started
 
     def mounter(self) -> float:
         started = time.perf_counter()
-        self._mounter.bind_read_only(self.source, self.target)
-        self._mounter.unmount(self.target)
+        with self._targets.open(str(self.target)) as target:
+            self._mounter.bind_read_only(self.source, target)
+            self._mounter.unmount(target)
         return time.perf_counter() - started
 
 
@@ -379,7 +375,7 @@ def scale(bench: Bench, driver: DriverProcess, client: Client) -> tuple[dict[str
     after_restart = client.publish(extra)
     client.unpublish(extra)
     unpublish_all = [client.unpublish(volume) for volume in volumes]
-    leftover = [m.mount_point for m in mounts.LinuxMounter().mounts() if m.mount_point.startswith(f"{driver.kubelet_dir}/")]
+    leftover = [m.mount_point for m in mounts.LinuxMounter().mounts() if m.mount_point.startswith(f"{driver.kubelet_dir}/pods/")]
     return {
         "volumes": plan.scale_volumes,
         "modules": plan.scale_modules,

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from csi_wasm.reference import DOCKER_HUB, InvalidHost, canonical_host
+
 MiB = 1024 * 1024
 _DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
@@ -30,13 +32,16 @@ class UsageError(ConfigError):
 
 @dataclass(frozen=True)
 class RegistryHostConfig:
-    """Per-registry settings, keyed by registry host[:port]."""
+    """Per-registry settings, keyed by registry host[:port] (canonical: see ``reference.canonical_host``)."""
 
     insecure: bool = False  # plain HTTP; only for hosts an admin names
     ca_bundle: str | None = None  # extra CA bundle (PEM file) to verify this host
     mirrors: tuple[str, ...] = ()  # hosts tried in order before the upstream
     require_signature: bool = False  # a module must carry a cosign signature by cosign_public_key
     cosign_public_key: str | None = None  # PEM file: ECDSA P-256 public key (cosign's default)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mirrors", tuple(_canonical_mirror(m, "mirrors") for m in self.mirrors))
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,20 @@ class PullConfig:
     max_module_bytes: int = 256 * MiB
     tag_cache_seconds: float = 300.0
     max_concurrent_downloads: int = 4
+    # of which one registry may run at once (the others wait their turn, csi_wasm.downloads): a registry
+    # that drips its blobs cannot take every download slot from the others
+    max_concurrent_downloads_per_registry: int = 2
     # How long one publish waits for a download before answering UNAVAILABLE (the download goes on
     # and kubelet's retry joins it): keeps every answer well inside kubelet's 2-minute call timeout.
     max_wait_seconds: float = 60.0
+    # Registry answers read whole (manifests, tokens, signature payloads) that all publishes together may
+    # hold in memory, each counted at its worst case while parsed (csi_wasm.registry.bodies).
+    max_buffered_bytes: int = 64 * MiB
+    # Publishes that may wait on registries at once (resolving, downloading or waiting for a download), in
+    # all and per registry; the next answers UNAVAILABLE at once (csi_wasm.admission). The gRPC server
+    # keeps workers beyond these for Probe, unpublish and publishes of stored modules.
+    max_pulling_publishes: int = 96
+    max_pulling_publishes_per_registry: int = 64
 
 
 @dataclass(frozen=True)
@@ -79,14 +95,55 @@ class NodeConfig:
     # when the registry itself is not in them (csi_wasm.registry.refuse_forbidden_host).
     allowed_private_networks: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Keys are canonical however the config was built (file, flags, tests), so a lookup by any
+        # spelling of a host finds its settings: ``require_signature`` for ghcr.io holds for GHCR.IO.
+        object.__setattr__(self, "registries", canonical_registries(self.registries))
+
     def registry(self, host: str) -> RegistryHostConfig:
-        return self.registries.get(host, RegistryHostConfig())
+        """The settings for ``host``, by its canonical form; the defaults for a host not configured
+        (or not a valid host, which no request ever reaches)."""
+        try:
+            key = canonical_host(host)
+        except InvalidHost:
+            return RegistryHostConfig()
+        return self.registries.get(key, RegistryHostConfig())
 
     def with_insecure(self, hosts: list[str]) -> NodeConfig:
+        """Mark ``hosts`` (``--insecure-registry``) plain HTTP; raise ConfigError for a bad host."""
         merged = dict(self.registries)
         for host in hosts:
-            merged[host] = replace(merged.get(host, RegistryHostConfig()), insecure=True)
+            key = _canonical(host, "--insecure-registry")
+            merged[key] = replace(merged.get(key, RegistryHostConfig()), insecure=True)
         return replace(self, registries=merged)
+
+
+def canonical_registries(registries: Mapping[str, RegistryHostConfig]) -> dict[str, RegistryHostConfig]:
+    """``registries`` keyed by canonical host; two keys naming one host are a ConfigError."""
+    canonical: dict[str, RegistryHostConfig] = {}
+    spelled: dict[str, str] = {}
+    for host, settings in registries.items():
+        key = _canonical(host, f"registries.{host}")
+        if key in canonical:
+            raise ConfigError(
+                f"registries.{host}: names the same registry as registries.{spelled[key]} ({key}); keep one"
+            )
+        canonical[key], spelled[key] = settings, host
+    return canonical
+
+
+def _canonical(host: str, where: str) -> str:
+    try:
+        return canonical_host(host)
+    except InvalidHost as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _canonical_mirror(host: str, where: str) -> str:
+    key = _canonical(host, where)
+    if key == DOCKER_HUB:
+        raise ConfigError(f"{where}: {host!r} is Docker Hub, which cannot serve as a mirror of another registry")
+    return key
 
 
 @dataclass(frozen=True)
@@ -135,7 +192,7 @@ def parse_node_config(raw: Any) -> NodeConfig:
     data = _mapping(raw, "config")
     _reject_unknown(data, NodeConfig, "config")
     registries = {
-        host: _registry(value, f"registries.{host}")
+        str(host): _registry(value, f"registries.{host}")
         for host, value in _mapping(data.get("registries", {}), "registries").items()
     }
     return NodeConfig(
@@ -189,10 +246,11 @@ def _registry(raw: Any, where: str) -> RegistryHostConfig:
     key = _optional_str(data.get("cosign_public_key"), f"{where}.cosign_public_key")
     if require_signature and not key:
         raise ConfigError(f"{where}.require_signature: needs cosign_public_key (a PEM file)")
+    mirrors = _str_list(data.get("mirrors", []), f"{where}.mirrors")
     return RegistryHostConfig(
         insecure=insecure,
         ca_bundle=_optional_str(data.get("ca_bundle"), f"{where}.ca_bundle"),
-        mirrors=tuple(_str_list(data.get("mirrors", []), f"{where}.mirrors")),
+        mirrors=tuple(_canonical_mirror(mirror, f"{where}.mirrors") for mirror in mirrors),
         require_signature=require_signature,
         cosign_public_key=key,
     )

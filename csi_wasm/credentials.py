@@ -2,6 +2,13 @@
 
 Credentials are never logged: ``Credentials`` hides the password from repr, and
 logs carry at most the registry host and whether credentials were used.
+
+A pod's Secret is untrusted input: any shape that is not what the docker config
+format says (deep nesting, an ``auth`` that is not a base64 string of
+``user:password``, a username or password that is not a string, two keys naming
+one registry) is InvalidRequest with a message saying which, never a crash.
+Registry keys are canonicalized like references (``reference.canonical_host``):
+``https://GHCR.IO/v1/`` and ``ghcr.io:443`` are ``ghcr.io``.
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from csi_wasm.config import ConfigError
 from csi_wasm.errors import InvalidRequest
-
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+from csi_wasm.reference import InvalidHost, canonical_host
 
 
 @dataclass(frozen=True)
@@ -37,14 +44,10 @@ class Credentials:
 class Keychain:
     """Credentials by registry host, in the docker config.json shape."""
 
-    by_host: Mapping[str, Credentials] = field(default_factory=dict)
+    by_host: Mapping[str, Credentials] = field(default_factory=dict)  # canonical host -> credentials
 
     def lookup(self, registry: str) -> Credentials | None:
-        candidates = (registry,) + (DOCKER_HUB_KEYS if registry == "docker.io" else ())
-        for key in candidates:
-            if key in self.by_host:
-                return self.by_host[key]
-        return None
+        return self.by_host.get(_normalise(registry))
 
 
 def keychain_from_secrets(secrets: Mapping[str, str], registry: str) -> Credentials | None:
@@ -56,64 +59,104 @@ def keychain_from_secrets(secrets: Mapping[str, str], registry: str) -> Credenti
     if not secrets:
         return None
     if "username" in secrets or "password" in secrets:
-        if not secrets.get("username") or "password" not in secrets:
+        username, password = secrets.get("username"), secrets.get("password")
+        if not isinstance(username, str) or not username or not isinstance(password, str):
             raise InvalidRequest("nodePublishSecretRef: a secret with 'username' needs 'password' too")
-        return Credentials(secrets["username"], secrets["password"])
+        return Credentials(username, password)
     if ".dockerconfigjson" in secrets:
         auths = _json(secrets[".dockerconfigjson"], ".dockerconfigjson").get("auths", {})
-        return parse_auths(auths, ".dockerconfigjson").lookup(_normalise(registry))
+        return parse_auths(auths, ".dockerconfigjson").lookup(registry)
     if ".dockercfg" in secrets:
-        return parse_auths(_json(secrets[".dockercfg"], ".dockercfg"), ".dockercfg").lookup(_normalise(registry))
+        return parse_auths(_json(secrets[".dockercfg"], ".dockercfg"), ".dockercfg").lookup(registry)
     raise InvalidRequest(
         "nodePublishSecretRef: expected keys .dockerconfigjson, .dockercfg, or username and password "
-        f"(got {', '.join(sorted(secrets))})"
+        f"(got {', '.join(sorted(secrets))[:200]})"
     )
 
 
 def load_docker_config(path: pathlib.Path) -> Keychain:
+    """The node-wide credentials (``docker_config``); ConfigError names what is wrong with the file."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read docker config {path}: {exc}") from exc
-    return parse_auths(data.get("auths", {}), str(path))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"docker_config: cannot read {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"docker_config: {path} is not a JSON object")
+    try:
+        return parse_auths(data.get("auths", {}), str(path))
+    except InvalidRequest as exc:
+        raise ConfigError(f"docker_config: {exc}") from None
 
 
 def parse_auths(auths: Any, where: str) -> Keychain:
     if not isinstance(auths, dict):
         raise InvalidRequest(f"{where}: 'auths' must be a mapping of registry to credentials")
     by_host: dict[str, Credentials] = {}
+    spelled: dict[str, str] = {}
     for host, entry in auths.items():
-        creds = _entry(entry, where, host)
-        if creds is not None:
-            by_host[_normalise(host)] = creds
+        creds = _entry(entry, where, _shown(host))
+        if creds is None:
+            continue
+        key = _normalise(host)
+        if key in by_host and by_host[key] != creds:
+            raise InvalidRequest(
+                f"{where}: entries {_shown(spelled[key])} and {_shown(host)} name the same registry ({_shown(key)}) "
+                "with different credentials; keep one"
+            )
+        by_host[key], spelled[key] = creds, host
     return Keychain(by_host)
 
 
 def _entry(entry: Any, where: str, host: str) -> Credentials | None:
     if not isinstance(entry, dict):
         raise InvalidRequest(f"{where}: entry for {host} is not a mapping")
-    if entry.get("username") and "password" in entry:
-        return Credentials(str(entry["username"]), str(entry["password"]))
-    if entry.get("auth"):
-        try:
-            user, _, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"{where}: 'auth' for {host} is not base64 of user:password") from exc
-        return Credentials(user, password)
-    return None
+    username, password, auth = entry.get("username"), entry.get("password"), entry.get("auth")
+    if username is not None or password is not None:
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise InvalidRequest(f"{where}: 'username' and 'password' for {host} must both be strings")
+        if username:
+            return Credentials(username, password)
+    if auth is None or auth == "":
+        return None
+    if not isinstance(auth, str):
+        raise InvalidRequest(f"{where}: 'auth' for {host} must be a string (base64 of user:password)")
+    try:
+        user, colon, secret = base64.b64decode(auth, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest(f"{where}: 'auth' for {host} is not base64 of user:password") from None
+    if not colon or not user:
+        raise InvalidRequest(f"{where}: 'auth' for {host} decodes to no user:password pair")
+    return Credentials(user, secret)
 
 
 def _normalise(host: str) -> str:
-    host = host.removeprefix("https://").removeprefix("http://")
-    host = host.split("/", 1)[0]
-    return "docker.io" if host in DOCKER_HUB_KEYS else host
+    """A docker config key (``https://ghcr.io/v1/``, ``GHCR.IO:443``) as a canonical registry host.
+
+    A key that is no valid host stays as written: it then matches no reference (references are
+    always valid), which is what docker does with it too.
+    """
+    bare = host.strip()
+    for scheme in ("https://", "http://"):
+        if bare[: len(scheme)].lower() == scheme:
+            bare = bare[len(scheme) :]
+    bare = bare.split("/", 1)[0]
+    try:
+        return canonical_host(bare)
+    except InvalidHost:
+        return host
+
+
+def _shown(host: str) -> str:
+    return repr(host[:100])
 
 
 def _json(text: str, where: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"nodePublishSecretRef: {where} is not valid JSON") from exc
+    except RecursionError:
+        raise InvalidRequest(f"nodePublishSecretRef: {where} is nested too deeply to be a docker config") from None
+    except ValueError:
+        raise InvalidRequest(f"nodePublishSecretRef: {where} is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"nodePublishSecretRef: {where} is not a JSON object")
     return data

@@ -7,14 +7,17 @@ exit a driver removes the socket only if it is still the one it bound: the path 
 another driver's by then.
 
 gRPC itself unlinks whatever socket sits at the path it bound, at bind time and again at
-shutdown, without asking whose it is. So gRPC is given a private name beside the endpoint
-(``.csi.sock.<random>.tmp``), and the bound socket is renamed onto the endpoint: at
-shutdown gRPC's unlink finds nothing at its private name, and the endpoint is removed here,
-by inode, only if it is still ours.
+shutdown, without asking whose it is. So gRPC is given a private name in the endpoint's
+directory (``.csi-wasm-binding.<random>``), and the bound socket is renamed onto the
+endpoint: at shutdown gRPC's unlink finds nothing at its private name, and the endpoint is
+removed here, by inode, only if it is still ours. The private name is reached through
+``/proc/self/fd/<directory fd>/`` so that it is short whatever the directory: a socket path
+must fit in 107 bytes (``sun_path``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import secrets
@@ -24,10 +27,17 @@ import stat
 from csi_wasm.config import UsageError
 
 CONNECT_TIMEOUT_SECONDS = 1.0
+MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes with the terminating NUL
+STAGING_PREFIX = ".csi-wasm-binding."
 
 
 def check_endpoint(path: pathlib.Path) -> None:
     """Refuse an endpoint whose directory is missing or whose path holds something other than a socket."""
+    if len(bytes(path)) > MAX_SOCKET_PATH_BYTES:
+        raise UsageError(
+            f"--endpoint unix://{path}: {len(bytes(path))} bytes, but a unix socket path can have at most "
+            f"{MAX_SOCKET_PATH_BYTES}; choose a shorter path"
+        )
     parent = path.parent
     if not parent.is_dir():
         what = "does not exist" if not parent.exists() else "is not a directory"
@@ -76,36 +86,45 @@ def clear_stale_socket(path: pathlib.Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def private_name(path: pathlib.Path) -> pathlib.Path:
-    """Where gRPC binds before the socket is renamed onto ``path`` (random: every container's driver is pid 1)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
-def sweep_private_names(path: pathlib.Path) -> None:
+def sweep_stale_bindings(path: pathlib.Path) -> None:
     """Remove private names a killed driver left between bind and rename (stale sockets only)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+    for leftover in path.parent.glob(f"{STAGING_PREFIX}*"):
         if stat.S_ISSOCK(leftover.lstat().st_mode) and not is_live(leftover):
             leftover.unlink(missing_ok=True)
 
 
-class BoundSocket:
-    """The socket file this process bound, remembered by inode so it is never confused with another's."""
+class SocketBinding:
+    """The endpoint's socket, from gRPC's bind at a private name to its removal at exit."""
 
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-        info = path.lstat()
+    def __init__(self, endpoint: pathlib.Path) -> None:
+        self.endpoint = endpoint
+        self._dir = os.open(endpoint.parent, os.O_PATH | os.O_DIRECTORY)
+        self._name = f"{STAGING_PREFIX}{secrets.token_hex(4)}"  # random: every container's driver is pid 1
+        self._identity: tuple[int, int] | None = None
+
+    @property
+    def address(self) -> str:
+        """What gRPC binds: the private name, through this process's descriptor of the directory."""
+        return f"unix:/proc/self/fd/{self._dir}/{self._name}"
+
+    def publish(self) -> None:
+        """Rename the bound socket onto the endpoint (atomic: there is no moment without a socket there)."""
+        os.rename(self._name, self.endpoint.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        info = os.stat(self.endpoint.name, dir_fd=self._dir, follow_symlinks=False)
         self._identity = (info.st_dev, info.st_ino)
 
-    @classmethod
-    def rename_onto(cls, bound: pathlib.Path, endpoint: pathlib.Path) -> BoundSocket:
-        """Move the socket gRPC bound at its private name onto the endpoint (atomic: no moment without one)."""
-        os.rename(bound, endpoint)
-        return cls(endpoint)
-
-    def remove(self) -> None:
+    def close(self) -> None:
+        """After gRPC has stopped: remove the endpoint if it is still the socket this process bound."""
         try:
-            info = self.path.lstat()
-        except FileNotFoundError:
-            return
-        if (info.st_dev, info.st_ino) == self._identity:
-            os.unlink(self.path)
+            if self._identity is not None:
+                try:
+                    info = os.stat(self.endpoint.name, dir_fd=self._dir, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if (info.st_dev, info.st_ino) == self._identity:
+                    os.unlink(self.endpoint.name, dir_fd=self._dir)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._name, dir_fd=self._dir)  # bound but never published
+        finally:
+            os.close(self._dir)

@@ -12,7 +12,8 @@ name the image and say what to do. They never contain secrets.
     ├── AccessDenied            PERMISSION_DENIED  policy or the registry refused
     ├── ModuleNotFound          NOT_FOUND          image, tag or (pullPolicy Never) stored module absent
     ├── RegistryError           UNAVAILABLE        registry unreachable, 5xx, timed out
-    │   └── RegistryTimeout     UNAVAILABLE        (a timeout is transient: kubelet retries)
+    │   ├── RegistryTimeout     UNAVAILABLE        (a timeout is transient: kubelet retries)
+    │   └── Overloaded          UNAVAILABLE        too many publishes already wait on registries
     ├── ContentError            FAILED_PRECONDITION the registry served something we refuse
     │   ├── DigestMismatch
     │   ├── NotWasm
@@ -59,6 +60,10 @@ class RegistryError(DriverError):
 
 class RegistryTimeout(RegistryError):
     reason = "timeout"
+
+
+class Overloaded(RegistryError):
+    reason = "busy"
 
 
 class ContentError(DriverError):

@@ -7,6 +7,11 @@ from publish/unpublish (the module's mtime is set at each), never from access
 time: Istio's access-time purge deleted modules still in use. Over the store
 cap (``store.max_store_bytes``) unreferenced modules go at once, least recently
 used first; a referenced module is never deleted.
+
+Then the store's index follows its modules: a manifest entry whose module is gone,
+and a tag entry whose manifest entry is gone, are useless and removed (under the
+store's index lock, which a pull's writes take too, so a collection never removes
+an entry a pull has just written for a module it has just stored).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class GcReport:
     kept_referenced: int = 0
     kept_in_grace: int = 0
     store_bytes: int = 0
+    manifest_entries_removed: int = 0
+    tag_entries_removed: int = 0
 
 
 @dataclass
@@ -87,9 +94,12 @@ class GarbageCollector:
                   unused_seconds=round(now - module.last_used), over_cap=excess + module.size > 0)  # fmt: skip
         self.metrics.gc_evictions.inc(len(removed))
         self.metrics.gc_bytes.inc(freed)
-        report = GcReport(tuple(removed), freed, referenced, in_grace, total - freed)
+        manifests = self.store.forget_orphan_manifests()  # after the modules: their entries go with them
+        tags = self.store.forget_orphan_tags()  # after the manifest entries, for the same reason
+        report = GcReport(tuple(removed), freed, referenced, in_grace, total - freed, manifests, tags)
         event(log, "gc", removed=len(removed), freed_bytes=freed, kept_referenced=referenced,
-              kept_in_grace=in_grace, store_bytes=report.store_bytes)  # fmt: skip
+              kept_in_grace=in_grace, store_bytes=report.store_bytes, manifest_entries_removed=manifests,
+              tag_entries_removed=tags)  # fmt: skip
         return report
 
     def trigger(self) -> None:

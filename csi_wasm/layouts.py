@@ -58,7 +58,7 @@ def is_index(media_type: str, manifest: dict[str, Any]) -> bool:
 
 def select_from_index(image: str, manifest: dict[str, Any]) -> str:
     """Return the digest of the manifest to use from an index or manifest list."""
-    entries = [m for m in manifest.get("manifests") or [] if isinstance(m, dict)]
+    entries = _dicts(manifest.get("manifests"))
     if not entries:
         raise UnsupportedLayout(f"image {image}: the image index lists no manifests")
     wasm = [m for m in entries if _is_wasm_platform(m.get("platform"))]
@@ -75,10 +75,10 @@ def select_module_layer(image: str, media_type: str, manifest: dict[str, Any]) -
     """Pick the module's layer from an image manifest; raise UnsupportedLayout if unsure."""
     if media_type and media_type not in MANIFEST_TYPES:
         raise UnsupportedLayout(f"image {image}: unsupported manifest media type {media_type!r}")
-    layers = [layer for layer in manifest.get("layers") or [] if isinstance(layer, dict)]
+    layers = _dicts(manifest.get("layers"))
     if not layers:
         raise UnsupportedLayout(f"image {image}: the manifest has no layers")
-    raw = [layer for layer in layers if layer.get("mediaType") in RAW_LAYER_TYPES]
+    raw = [layer for layer in layers if _text(layer.get("mediaType")) in RAW_LAYER_TYPES]
     if len(raw) > 1:
         raise UnsupportedLayout(
             f"image {image}: {len(raw)} Wasm layers found; expected exactly one module per image"
@@ -86,7 +86,7 @@ def select_module_layer(image: str, media_type: str, manifest: dict[str, Any]) -
     if raw:
         return _layer(image, raw[0], "raw", RAW_LAYER_TYPES[raw[0]["mediaType"]])
     last = layers[-1]
-    if last.get("mediaType") in TAR_GZIP_LAYER_TYPES:
+    if _text(last.get("mediaType")) in TAR_GZIP_LAYER_TYPES:
         return _layer(image, last, "tar+gzip", TAR_GZIP_LAYER_TYPES[last["mediaType"]])
     found = sorted({str(layer.get("mediaType")) for layer in layers})
     raise UnsupportedLayout(
@@ -109,6 +109,15 @@ def _digest(image: str, descriptor: dict[str, Any]) -> str:
     if not isinstance(digest, str) or not is_sha256_digest(digest):
         raise UnsupportedLayout(f"image {image}: descriptor digest {digest!r} is not a sha256 digest")
     return digest
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects of a JSON list; nothing if the registry sent something else (a hostile manifest may)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _is_wasm_platform(platform: Any) -> bool:

@@ -11,7 +11,9 @@ registry and repository; tag and digest do not matter):
   the host part never ``:`` either, so ``registry.example/*`` does not match
   ``registry.example:5000/x``);
 * ``**`` matches any run of characters including ``/`` (a whole subtree);
-* everything else matches itself; the host is compared case-insensitively.
+* everything else matches itself. The pattern's host is canonicalized like a
+  reference's (``reference.canonical_host``: lower case, no ``:443``, ``docker.io``
+  for Docker Hub's aliases), so every spelling of a host matches the same patterns.
 
 So ``registry.example/filters/*`` allows ``registry.example/filters/ratelimit`` but
 not ``registry.example/filters/team/x`` (use ``registry.example/filters/**``), and
@@ -25,7 +27,7 @@ import re
 from typing import Iterable
 
 from csi_wasm.errors import AccessDenied
-from csi_wasm.reference import Reference
+from csi_wasm.reference import DEFAULT_PORT, InvalidHost, Reference, canonical_host
 
 MAX_PATTERN_LENGTH = 512
 _PATTERN_CHARS = re.compile(r"^[A-Za-z0-9._\-:/*\[\]]+\Z")
@@ -45,8 +47,19 @@ def validate_pattern(pattern: str) -> str | None:
     return None
 
 
+def canonical_pattern_host(host: str) -> str:
+    """A pattern's host in the form references use; wildcards are kept."""
+    if "*" not in host:
+        try:
+            return canonical_host(host)
+        except InvalidHost:
+            return host.lower()  # matches no reference: references are valid hosts
+    return host.lower().removesuffix(f":{DEFAULT_PORT}")
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     host, _, path = pattern.partition("/")
+    host = canonical_pattern_host(host)
 
     def translate(text: str, single: str) -> str:
         out = []
@@ -59,7 +72,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(piece))
         return "".join(out)
 
-    return re.compile(translate(host.lower(), "[^/:]*") + "/" + translate(path, "[^/]*"), re.DOTALL)
+    return re.compile(translate(host, "[^/:]*") + "/" + translate(path, "[^/]*"), re.DOTALL)
 
 
 class ImagePolicy:
@@ -74,7 +87,7 @@ class ImagePolicy:
     def allows(self, ref: Reference) -> bool:
         if not self._compiled:
             return True
-        name = f"{ref.registry.lower()}/{ref.repository}"
+        name = f"{ref.registry}/{ref.repository}"  # canonical: parse_reference made it so
         return any(regex.fullmatch(name) for regex in self._compiled)
 
     def check(self, ref: Reference) -> None:

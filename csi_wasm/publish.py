@@ -4,35 +4,36 @@ This module knows nothing of gRPC. The servicer checks the CSI-required fields,
 then calls ``Publisher.publish``/``unpublish``; every failure is a ``DriverError``.
 
 Publish, in order: parse the volume attributes (image, pullPolicy, fileName,
-moduleDigest) and the secrets; check the target lies in kubelet's pods tree;
-claim the target (one call per target at a time: a second gets ABORTED); get the
-module into the store (``Puller.ensure``); bind its view directory at the target
-read-only; write the record. Any failure undoes what was done: no stray mount,
-no empty target directory, no record.
+moduleDigest) and the secrets; open the target's parent inside kubelet's pods
+tree without following a symlink (``csi_wasm.targets``); claim the target (one
+call per target at a time: a second gets ABORTED); get the module into the store
+(``Puller.ensure``) and check its seal (``csi_wasm.integrity``); attach a
+read-only bind of its view directory at the target; write the record. Any
+failure undoes what was done: no stray mount, no empty target directory, no record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pathlib
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 from csi_wasm.credentials import Credentials, Keychain, keychain_from_secrets
-from csi_wasm.errors import DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
+from csi_wasm.errors import DigestMismatch, DriverError, InvalidRequest, MountError, OperationPending, TargetConflict
+from csi_wasm.integrity import ModuleIntegrity
 from csi_wasm.metrics import Metrics
-from csi_wasm.mounts import REQUIRED_OPTIONS, Mounter
+from csi_wasm.mounts import REQUIRED_OPTIONS, MountEntry, Mounter
 from csi_wasm.policy import ImagePolicy
 from csi_wasm.pins import Pins
 from csi_wasm.pull import ModuleRequest, PullPolicy, Puller, ResolvedModule
 from csi_wasm.records import RecordStore, VolumeRecord
 from csi_wasm.reference import is_sha256_digest, parse_reference
-from csi_wasm.store import ModuleStore, validate_file_name
+from csi_wasm.store import ModuleStore, names_view, validate_file_name
+from csi_wasm.targets import MAX_PATH_BYTES, Target, Targets
 
 
 ATTR_IMAGE = "image"
@@ -47,9 +48,7 @@ K8S_PREFIX = "csi.storage.k8s.io/"
 DEFAULT_FILE_NAME = "plugin.wasm"
 MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_BYTES = 4096
-MAX_PATH_BYTES = 4096
-# pods/<uid>/volumes/kubernetes.io~csi/<volume-name>/mount
-_KUBELET_LAYOUT = re.compile(r"^([^/]+)/volumes/kubernetes\.io~csi/[^/]+/mount$")
+MAX_STACKED_MOUNTS = 8  # ours on ours (a read-only cover over an old writable bind) is 2
 
 
 @dataclass(frozen=True)
@@ -132,8 +131,9 @@ class Publisher:
         node_keychain: Keychain | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._pods_dir = pathlib.Path(os.path.realpath(kubelet_dir)) / "pods"
+        self.targets = Targets(kubelet_dir)
         self._store = store
+        self._integrity = ModuleIntegrity(store)
         self._records = records
         self._puller = puller
         self._mounter = mounter
@@ -149,119 +149,149 @@ class Publisher:
 
     def publish(self, request: PublishRequest, deadline: float | None = None) -> Published:
         spec = VolumeSpec.parse(request.volume_context, request.secrets, self._keychain, self._policy)
-        target = self.resolve_target(request.target_path, request.volume_context.get(POD_UID))
-        with self._claim(target):
-            existing = self._records.get(str(target))
-            if existing is not None and existing.volume_id not in (request.volume_id, ""):
-                raise TargetConflict(
-                    f"target {target} already holds volume {existing.volume_id}, not {request.volume_id}"
-                )
-            with self._module_pinned(spec, deadline) as module:
-                if self._already_published(target, existing, module, spec):
-                    return Published(module.digest, module.from_cache, already=True)
-                self._mount_and_record(request, spec, module, target)
+        with self.targets.open(request.target_path, request.volume_context.get(POD_UID)) as target:
+            if not target.parent_exists:
+                raise InvalidRequest(f"the parent of target_path {target.path} does not exist (kubelet creates it)")
+            with self._claim(target.path):
+                existing = self._records.get(str(target.path))
+                if existing is not None and existing.volume_id not in (request.volume_id, ""):
+                    raise TargetConflict(
+                        f"target {target.path} already holds volume {existing.volume_id}, not {request.volume_id}"
+                    )
+                with self._module_pinned(spec, deadline) as (module, view):
+                    if self._already_published(target, existing, module, spec, view):
+                        if existing is None:
+                            self._record(request, spec, module, target)  # our mount, its record lost: keep both
+                        return Published(module.digest, module.from_cache, already=True)
+                    self._mount_and_record(request, spec, module, view, target)
         return Published(module.digest, module.from_cache, already=False)
 
     def _already_published(
-        self, target: pathlib.Path, existing: VolumeRecord | None, module: ResolvedModule, spec: VolumeSpec
-    ) -> bool:
-        mounted = self._mounter.mount_at(target)
-        if mounted is not None and not REQUIRED_OPTIONS <= mounted.options and self._store.view_of(mounted.root, target):
-            # A crash between the bind and the read-only remount left a writable bind of our view
-            # (recovery may even have adopted it): never report that as published. Redo it.
-            self._mounter.unmount(target)
-            if existing is not None:
-                self._records.delete(str(target))
+        self, target: Target, existing: VolumeRecord | None, module: ResolvedModule, spec: VolumeSpec,
+        view: pathlib.Path,
+    ) -> bool:  # fmt: skip
+        """True if the target already shows this module read-only; False if a mount is to be made.
+
+        A writable bind of our view (an older driver bound, then remounted, and the host's copy
+        stayed writable) gets a read-only mount on top of it, not an unmount: containers started
+        later see the read-only one, and running containers keep their module.
+        """
+        info = target.lstat()
+        wanted = (module.digest, spec.file_name)
+        if info is None:
+            self._drop_stale(existing)
             return False
-        if existing is None and mounted is None:
-            return False
-        if existing is not None and mounted is None:
-            self._records.delete(str(target))  # stale: its mount is gone; publish afresh
-            return False
-        if existing is not None and (existing.module_digest, existing.file_name) == (module.digest, spec.file_name):
-            return True
-        what = f"image {existing.image} ({existing.module_digest})" if existing else "another mount"
-        raise TargetConflict(
-            f"target {target} already publishes {what}; this request asks for {spec.module.ref} "
-            f"({module.digest}, {spec.file_name}); unpublish it first"
-        )
+        if existing is not None and (existing.module_digest, existing.file_name) == wanted:
+            if os.path.samestat(info, os.stat(view)) and target.read_only():
+                return True  # the record's view is on top, read-only: no mount table read
+        mounted = self._mounter.mount_at(target.path)
+        if mounted is None:
+            self._drop_stale(existing)
+            return False  # an empty directory (kubelet's, or a node reboot's): publish into it
+        ours = self._store.view_of(mounted.root, target.path)
+        if ours != wanted:
+            what = f"image {existing.image} ({existing.module_digest})" if existing else "another mount"
+            raise TargetConflict(
+                f"target {target.path} already publishes {what}; this request asks for {spec.module.ref} "
+                f"({module.digest}, {spec.file_name}); unpublish it first"
+            )
+        return REQUIRED_OPTIONS <= mounted.options
+
+    def _drop_stale(self, existing: VolumeRecord | None) -> None:
+        if existing is not None:
+            self._records.delete(existing.target_path)  # its mount is gone: publish afresh
 
     def _mount_and_record(
-        self, request: PublishRequest, spec: VolumeSpec, module: ResolvedModule, target: pathlib.Path
+        self, request: PublishRequest, spec: VolumeSpec, module: ResolvedModule, view: pathlib.Path, target: Target
     ) -> None:
-        view = self._store.view(module.digest, spec.file_name)
-        created = _make_target(target)
+        target.check_in_place()
+        created = target.make()
         try:
             self._mounter.bind_read_only(view, target)
             try:
-                self._records.put(
-                    VolumeRecord(
-                        volume_id=request.volume_id,
-                        target_path=str(target),
-                        image=str(spec.module.ref),
-                        module_digest=module.digest,
-                        file_name=spec.file_name,
-                        published_at=self._clock(),
-                        pod_namespace=request.volume_context.get(POD_NAMESPACE, ""),
-                        pod_name=request.volume_context.get(POD_NAME, ""),
-                    )
-                )
+                self._record(request, spec, module, target)
             except BaseException:
                 self._mounter.unmount(target)
                 raise
         except BaseException:
             if created:
-                _remove_target(target)
+                with contextlib.suppress(DriverError, OSError):  # the original error is the one to report
+                    target.remove()
             raise
         self._store.touch(module.digest)
+
+    def _record(self, request: PublishRequest, spec: VolumeSpec, module: ResolvedModule, target: Target) -> None:
+        self._records.put(
+            VolumeRecord(
+                volume_id=request.volume_id,
+                target_path=str(target.path),
+                image=str(spec.module.ref),
+                module_digest=module.digest,
+                file_name=spec.file_name,
+                published_at=self._clock(),
+                pod_namespace=request.volume_context.get(POD_NAMESPACE, ""),
+                pod_name=request.volume_context.get(POD_NAME, ""),
+            )
+        )
 
     # -- unpublish -----------------------------------------------------------
 
     def unpublish(self, volume_id: str, target_path: str) -> VolumeRecord | None:
-        """Unmount, remove the target, drop the record; return the record it had (None if unknown)."""
-        target = self.resolve_target(target_path, None)
-        with self._claim(target):
-            record = self._records.get(str(target))
-            if record is not None and record.volume_id not in (volume_id, ""):
-                raise InvalidRequest(f"target {target} belongs to volume {record.volume_id}, not {volume_id}")
-            if record is not None and self._store.shows_view(target, record.module_digest, record.file_name):
-                self._mounter.unmount(target)  # its record's view is on top: ours, without reading the mount table
-            else:
-                mounted = self._mounter.mount_at(target)
-                if mounted is not None:
-                    if record is None and self._store.view_of(mounted.root, target) is None:
-                        raise InvalidRequest(f"target {target} is a mount this driver did not make; refusing to unmount")
-                    self._mounter.unmount(target)
-            _remove_target(target)
-            if record is not None:
-                self._records.delete(str(target))
-                self._store.touch(record.module_digest)  # the LRU clock starts at the last release
+        """Unmount our mounts, remove the target, drop the record; return the record it had (None if unknown)."""
+        with self.targets.open(target_path, None) as target:
+            with self._claim(target.path):
+                record = self._records.get(str(target.path))
+                if record is not None and record.volume_id not in (volume_id, ""):
+                    raise InvalidRequest(
+                        f"target {target.path} belongs to volume {record.volume_id}, not {volume_id}"
+                    )
+                self._take_down(target, record)
+                if record is not None:
+                    self._records.delete(str(target.path))
+                    self._store.touch(record.module_digest)  # the LRU clock starts at the last release
         return record
+
+    def _take_down(self, target: Target, record: VolumeRecord | None) -> None:
+        """Unmount every mount of ours stacked on the target, then remove it. A mount we did not make
+        (kubelet's, another driver's) is never unmounted: the call fails and names it."""
+        recorded = self._view_identity(record)
+        for _ in range(MAX_STACKED_MOUNTS):
+            info = target.lstat()
+            if info is None:
+                return
+            if recorded is not None and (info.st_dev, info.st_ino) == recorded:
+                self._mounter.unmount(target)  # the record's view is on top: ours, no mount table read
+                continue
+            if target.remove():
+                return
+            mounted = self._mounter.mount_at(target.path)  # something else is mounted on it
+            if mounted is None or not self._ours(mounted, target, record):
+                raise InvalidRequest(f"target {target.path} is a mount this driver did not make; refusing to unmount it")
+            self._mounter.unmount(target)
+        raise MountError(f"target {target.path}: more than {MAX_STACKED_MOUNTS} mounts stacked on it; left in place")
+
+    def _ours(self, mounted: MountEntry, target: Target, record: VolumeRecord | None) -> bool:
+        """A bind of one of our views; or of the record's view since removed (its module quarantined)."""
+        if self._store.view_of(mounted.root, target.path) is not None:
+            return True
+        return record is not None and names_view(mounted.root, record.module_digest, record.file_name)
+
+    def _view_identity(self, record: VolumeRecord | None) -> tuple[int, int] | None:
+        if record is None:
+            return None
+        try:
+            info = os.stat(self._store.views_dir / record.module_digest.removeprefix("sha256:") / record.file_name)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
 
     # -- targets -------------------------------------------------------------
 
     def resolve_target(self, target_path: str, pod_uid: str | None) -> pathlib.Path:
-        """The real target path, which must lie in kubelet's pods tree (and the pod's own dir)."""
-        if "\0" in target_path or len(target_path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
-            raise InvalidRequest("target_path contains a NUL byte or is too long")
-        if not os.path.isabs(target_path):
-            raise InvalidRequest(f"target_path {target_path[:200]!r} is not absolute")
-        name = os.path.basename(os.path.normpath(target_path))
-        parent = os.path.realpath(os.path.dirname(os.path.normpath(target_path)))
-        if name in ("", ".", "..") or os.path.islink(os.path.join(parent, name)):
-            raise InvalidRequest(f"target_path {target_path[:200]!r} is a symlink or has no final name")
-        target = pathlib.Path(parent) / name
-        if not target.is_relative_to(self._pods_dir) or target == self._pods_dir:
-            raise InvalidRequest(
-                f"target_path {target_path[:200]!r} resolves to {target}, outside kubelet's pods directory "
-                f"{self._pods_dir} (check --kubelet-dir)"
-            )
-        layout = _KUBELET_LAYOUT.match(str(target.relative_to(self._pods_dir)))
-        if pod_uid and layout and layout.group(1) != pod_uid:
-            raise InvalidRequest(
-                f"target_path belongs to pod {layout.group(1)}, but the request is for pod {pod_uid}"
-            )
-        return target
+        """The target path, which must lie in kubelet's pods tree (and the pod's own dir) with no symlink
+        on the way; raises InvalidRequest otherwise."""
+        with self.targets.open(target_path, pod_uid) as target:
+            return target.path
 
     @contextlib.contextmanager
     def _claim(self, target: pathlib.Path) -> Iterator[None]:
@@ -277,39 +307,25 @@ class Publisher:
                 self._busy.discard(key)
 
     @contextlib.contextmanager
-    def _module_pinned(self, spec: VolumeSpec, deadline: float | None) -> Iterator[ResolvedModule]:
-        """The module, kept from the garbage collector until its use is recorded."""
-        module = self._puller.ensure_pinned(spec.module, self._pins, deadline)
+    def _module_pinned(self, spec: VolumeSpec, deadline: float | None) -> Iterator[tuple[ResolvedModule, pathlib.Path]]:
+        """The module and its view, intact, kept from the garbage collector until its use is recorded."""
+        for _ in range(2):
+            module = self._puller.ensure_pinned(spec.module, self._pins, deadline)
+            try:
+                view = self._store.view(module.digest, spec.file_name)
+                intact = self._integrity.intact(module.digest, view, spec.file_name)
+            except BaseException:
+                self._pins.unpin(module.digest)
+                raise
+            if intact:
+                break
+            self._pins.unpin(module.digest)  # quarantined: fetch it again
+        else:
+            raise DigestMismatch(f"image {spec.module.ref}: module {module.digest} was corrupt again after a re-fetch")
         try:
-            yield module
+            yield module, view
         finally:
             self._pins.unpin(module.digest)
-
-
-def _make_target(target: pathlib.Path) -> bool:
-    """Create the target directory kubelet expects us to make; True if we made it."""
-    try:
-        os.mkdir(target, 0o755)
-        return True
-    except FileExistsError:
-        if target.is_symlink() or not target.is_dir():
-            raise InvalidRequest(f"target_path {target} exists and is not a directory") from None
-        return False
-    except FileNotFoundError:
-        raise InvalidRequest(f"the parent of target_path {target} does not exist (kubelet creates it)") from None
-
-
-def _remove_target(target: pathlib.Path) -> None:
-    try:
-        os.rmdir(target)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        raise InvalidRequest(f"target_path {target} is not a directory; refusing to remove it") from None
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise MountError(f"target {target} is not empty after unmount; left in place") from exc
-        raise MountError(f"cannot remove target {target}: {exc.strerror}") from exc
 
 
 def pod_of(context: Mapping[str, str]) -> str:
@@ -317,4 +333,4 @@ def pod_of(context: Mapping[str, str]) -> str:
     return f"{namespace}/{name}" if namespace or name else ""
 
 
-__all__ = ["Publisher", "PublishRequest", "VolumeSpec", "DriverError"]
+__all__ = ["Publisher", "PublishRequest", "VolumeSpec", "DriverError", "MAX_PATH_BYTES"]

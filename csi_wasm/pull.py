@@ -2,9 +2,16 @@
 
 ``Puller.ensure`` is what a publish calls. It answers from the store when it can
 (pinned digest already stored, or a tag resolved within ``tag_cache_seconds``) so
-the hot path makes no network call, and otherwise pulls. Downloads are
-single-flight per layer digest and run on their own bounded pool, so a download
-outlives the gRPC call that started it and kubelet's retry joins it.
+the hot path makes no network call, and otherwise pulls, if ``Admission`` lets it
+(a bounded number of publishes may wait on registries, per registry too). Downloads
+are single-flight per layer digest and origin and run on their own workers, shared
+fairly between registries (``FairDownloads``), so a download outlives the gRPC call
+that started it and kubelet's retry joins it.
+
+A module already in the store is handed to a pod only under the access rule of
+``csi_wasm.access`` (applied in ``_from_store``, at the ``known`` shortcut of
+``_pull``, at the stored-layer shortcut of ``_download`` and when joining a flight),
+always before any byte is mounted.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import hashlib
 import io
 import logging
 import posixpath
-import tarfile
 import threading
 import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from csi_wasm.access import AccessRecords, AccessRule, Decision, ProofCache
+from csi_wasm.admission import Admission
 from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import (
@@ -36,6 +44,7 @@ from csi_wasm.errors import (
     TooLarge,
     UnsupportedLayout,
 )
+from csi_wasm.downloads import FairDownloads
 from csi_wasm.layouts import ModuleLayer, is_index, select_from_index, select_module_layer
 from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
@@ -44,6 +53,7 @@ from csi_wasm.reference import Reference
 from csi_wasm.registry import FetchedManifest, RegistryClient
 from csi_wasm.signatures import SignatureVerifier
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
+from csi_wasm.tarstream import TarStream
 
 log = logging.getLogger("csi_wasm.pull")
 MODULE_IN_TAR = "plugin.wasm"
@@ -100,6 +110,7 @@ class Puller:
         metrics: Metrics,
         auth_cache_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -108,19 +119,21 @@ class Puller:
         self._auth_cache_seconds = auth_cache_seconds
         self._clock = clock
         self._tags: dict[str, _TagEntry] = {}
-        self._authorized: dict[tuple[str, str, str], float] = {}
+        self._access = AccessRule(AccessRecords(store.access_dir), ProofCache(auth_cache_seconds, clock))
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
+        self._resolving: dict[tuple[str, str], concurrent.futures.Future[FetchedManifest]] = {}
         self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
         # the allow-list and signature requirements live in the node config the client carries
         self.node: NodeConfig = getattr(client, "node", None) or NodeConfig()
         self._signatures = SignatureVerifier(client, self.node)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, config.max_concurrent_downloads), thread_name_prefix="download"
+        self._admission = admission or Admission(
+            config.max_pulling_publishes, config.max_pulling_publishes_per_registry
         )
+        self._downloads = FairDownloads(config.max_concurrent_downloads, config.max_concurrent_downloads_per_registry)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._downloads.shutdown(wait=False, cancel_futures=True)
 
     def recently_landed(self) -> set[str]:
         """Modules downloaded in the last ``LANDED_PROTECTION_SECONDS``: not for the garbage collector."""
@@ -142,7 +155,7 @@ class Puller:
         raise RegistryError(f"image {request.ref}: the module keeps leaving the store (store cap too small?)")
 
     def ensure(self, request: ModuleRequest, deadline: float | None = None) -> ResolvedModule:
-        cached = self._from_store(request)
+        cached = self._from_store(request, deadline)
         if cached is not None:
             self._metrics.cache_lookups.labels("hit").inc()
             return self._checked(request, cached)
@@ -153,7 +166,8 @@ class Puller:
                 "pre-pull it with `csi-wasm pull` or use IfNotPresent"
             )
         try:
-            pulled = self._pull(request, deadline)
+            with self._admission.pulling(request.ref.registry, str(request.ref)):
+                pulled = self._pull(request, deadline)
         except DriverError as exc:
             self._metrics.pull_total.labels(exc.reason).inc()
             raise
@@ -170,7 +184,7 @@ class Puller:
 
     # -- answering from the store ----------------------------------------
 
-    def _from_store(self, request: ModuleRequest) -> ResolvedModule | None:
+    def _from_store(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule | None:
         ref = request.ref
         if ref.digest is not None:
             manifest_digest: str | None = ref.digest
@@ -183,8 +197,8 @@ class Puller:
         entry = self._store.manifest(manifest_digest)
         if entry is None or not self._store.has(entry.module_digest):
             return None
-        if entry.needs_auth:
-            self._authorize(request, entry)
+        if not self._may_share_stored(request, entry, deadline):
+            return None  # pull the reference: the pod's registry must serve the bytes
         if not self._signatures.is_verified(ref, entry.manifest_digest):
             if request.policy is not PullPolicy.NEVER:
                 return None  # resolve and verify through the registry; a stored module is not downloaded again
@@ -206,44 +220,57 @@ class Puller:
             return None
         return entry.manifest_digest
 
-    def _authorize(self, request: ModuleRequest, entry: ManifestEntry) -> None:
-        """A private module is on the node: prove this pod may read it before sharing it."""
-        ref, creds = request.ref, request.credentials
-        if creds is None:
+    def _may_share_stored(self, request: ModuleRequest, entry: ManifestEntry, deadline: float | None) -> bool:
+        """The access rule (csi_wasm.access) for a stored module reached through the pod's reference alone.
+
+        True: hand it over. False: pull the reference instead (rule 3). Raises when refused.
+        """
+        ref, creds, module = request.ref, request.credentials, entry.module_digest
+        decision = self._access.before_network(module, ref, creds)
+        if decision is Decision.SHARE:
+            return True
+        never = request.policy is PullPolicy.NEVER
+        if decision is Decision.PROVE_POSSESSION:
+            if never:
+                raise ModuleNotFound(
+                    f"image {ref}: no copy on this node that this reference may use, and pullPolicy is Never "
+                    "(a module pulled through another registry or repository is shared only once this one "
+                    "serves it); use IfNotPresent"
+                )
+            return False
+        if never:
             raise AccessDenied(
-                f"image {ref} is private; this pod sent no credentials (set nodePublishSecretRef on the volume)"
+                f"image {ref} is private and this pod's access was not checked within the last "
+                f"{self._auth_cache_seconds:.0f} s; pullPolicy Never forbids asking the registry (use IfNotPresent)"
             )
-        key = (creds.fingerprint, ref.name, entry.manifest_digest)
-        with self._lock:
-            until = self._authorized.get(key, 0.0)
-        if until > self._clock():
-            return
-        if request.policy is PullPolicy.NEVER:
-            raise AccessDenied(f"image {ref} is private and pullPolicy Never forbids checking access")
-        self._client.fetch_manifest(ref, creds, key=entry.manifest_digest)
-        self._remember_authorized(creds, ref, entry.manifest_digest)
+        try:
+            # the registry that served the module as private vouches for this pod's credentials, or refuses
+            # (PERMISSION_DENIED); a registry error is UNAVAILABLE: never a reason to hand the module over
+            with self._admission.pulling(ref.registry, str(ref)):  # it waits on a registry like any pull
+                self._client.fetch_manifest(ref, creds, key=entry.manifest_digest, deadline=deadline)
+        except ModuleNotFound:
+            return False  # the origin no longer has that manifest: resolve the reference afresh
+        self._access.vouched(module, ref, creds)
+        return True
 
     def _remember_tag(self, ref: Reference, manifest_digest: str) -> None:
-        now = self._clock()
         with self._lock:
-            previous = self._tags.get(str(ref))
-            self._tags[str(ref)] = _TagEntry(manifest_digest, now)
-        if previous is None or previous.manifest_digest != manifest_digest:
-            self._store.remember_tag(str(ref), manifest_digest, now)
+            self._tags[str(ref)] = _TagEntry(manifest_digest, self._clock())
 
-    def _remember_authorized(self, creds: Credentials | None, ref: Reference, manifest_digest: str) -> None:
-        if creds is None:
+    def _persist_tag(self, ref: Reference, manifest_digest: str) -> None:
+        """Write the tag entry (for pullPolicy Never after a restart) once its manifest entry exists: the
+        garbage collector drops tag entries whose manifest entry is gone, and must not race a pull."""
+        if ref.digest is not None:
             return
-        with self._lock:
-            self._authorized[(creds.fingerprint, ref.name, manifest_digest)] = (
-                self._clock() + self._auth_cache_seconds
-            )
+        stored = self._store.tag(str(ref))
+        if stored is None or stored[0] != manifest_digest:
+            self._store.remember_tag(str(ref), manifest_digest, self._clock())
 
     # -- pulling ---------------------------------------------------------
 
     def _pull(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule:
         ref, creds = request.ref, request.credentials
-        manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
+        manifest = self._resolve(ref, creds, deadline)
         self._signatures.verify(ref, manifest.digest, creds, deadline)  # before any blob is downloaded
         if is_index(manifest.media_type, manifest.body):
             child = select_from_index(str(ref), manifest.body)
@@ -251,48 +278,84 @@ class Puller:
             self._signatures.vouch(ref, manifest.digest)
         if ref.digest is None:
             self._remember_tag(ref, manifest.digest)
-        if manifest.used_credentials:
-            self._remember_authorized(creds, ref, manifest.digest)
         known = self._store.manifest(manifest.digest)
-        if known is not None and self._store.has(known.module_digest):
+        if (
+            known is not None
+            and self._store.has(known.module_digest)
+            and self._access.after_fetch(known.module_digest, ref, creds)
+        ):
+            self._persist_tag(ref, known.manifest_digest)
             return ResolvedModule(known.module_digest, known.size, known.manifest_digest, known.layout, True)
         layer = select_module_layer(str(ref), manifest.media_type, manifest.body)
-        stored = self._download(ref, layer, creds, deadline)
-        if self._store.manifest(manifest.digest) is None:  # every caller that joined the download gets here
-            self._store.remember_manifest(
-                ManifestEntry(manifest.digest, stored.digest, stored.size, layer.layout, manifest.used_credentials)
-            )
-        return ResolvedModule(stored.digest, stored.size, manifest.digest, layer.layout, False)
+        manifest_digest, used_credentials = manifest.digest, manifest.used_credentials
+        del manifest  # its parsed body may be MiBs: not held while waiting for the download
+        # a manifest served without credentials is public: fetch its module the same way, so that
+        # "public" in the access record means the bytes were served to anyone
+        stored = self._download(ref, layer, creds if used_credentials else None, deadline)
+        self._access.vouched(stored.digest, ref, creds)  # its own origin served it (rule 2 or 3)
+        self._store.remember_manifest_once(
+            ManifestEntry(manifest_digest, stored.digest, stored.size, layer.layout, used_credentials)
+        )
+        self._persist_tag(ref, manifest_digest)
+        return ResolvedModule(stored.digest, stored.size, manifest_digest, layer.layout, False)
+
+    def _resolve(self, ref: Reference, creds: Credentials | None, deadline: float | None) -> FetchedManifest:
+        """The reference's manifest. Publishes of one reference with the same credentials at once share one
+        fetch: a burst of pods costs the registry one manifest GET (Docker Hub counts them), not one each."""
+        key = (str(ref), creds.fingerprint if creds else "")
+        with self._lock:
+            flight = self._resolving.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._resolving[key] = concurrent.futures.Future()
+        if not leading:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return flight.result(timeout)
+            except concurrent.futures.TimeoutError as exc:
+                raise RegistryTimeout(f"image {ref}: the registry did not answer within this call's deadline") from exc
+        try:
+            manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._resolving[key]
+        flight.set_result(manifest)
+        return manifest
 
     def _download(
         self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None
     ) -> StoredModule:
-        if layer.packaging == "raw":
-            existing = self._store.stat(layer.digest)
-            if existing is not None:
-                return existing
+        existing = self._shareable_copy(ref, layer, creds)
+        if existing is not None:
+            return existing
         if layer.size > self._layer_cap(layer):
             raise TooLarge(
                 f"image {ref}: module layer is {layer.size} bytes, over the node's limit of "
                 f"{self._config.max_module_bytes}"
             )
+        # Flights are per origin: joining one shares a download from the registry and repository this
+        # publish just fetched its manifest from (rule 2 of csi_wasm.access), never another pod's.
+        key = f"{layer.digest} {ref.registry}/{ref.repository}"
         with self._lock:
-            flight = self._flights.get(layer.digest)
-            if flight is None and layer.packaging == "raw":
+            flight = self._flights.get(key)
+            if flight is None:
                 # a download may have landed since the check above: never fetch the same blob twice
-                existing = self._store.stat(layer.digest)
+                existing = self._shareable_copy(ref, layer, creds)
                 if existing is not None:
                     return existing
             started = flight is None
             if flight is None:
-                flight = self._pool.submit(self._run_download, ref, layer, creds)
-                self._flights[layer.digest] = flight
+                flight = self._downloads.submit(ref.registry, self._download_from_origin, ref, layer, creds)
+                self._flights[key] = flight
             else:
                 self._metrics.pull_joins.inc()
         if started:
             # outside the lock: a download that already finished (a fast failure) runs the callback
             # right here, and _land takes the lock (it deadlocked under load: found by test_faults)
-            flight.add_done_callback(functools.partial(self._land, layer.digest))
+            flight.add_done_callback(functools.partial(self._land, key))
         # a publish waits for the download until its deadline, but never longer than max_wait_seconds:
         # a registry that drips bytes just under the read timeout gets an answer well inside kubelet's 2 min
         timeout = (
@@ -305,6 +368,20 @@ class Puller:
                 f"image {ref}: download still running when this call's wait ended; "
                 "it continues and kubelet's retry will use it"
             ) from exc
+
+    def _shareable_copy(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule | None:
+        """The stored copy of a raw layer, if the access rule lets this pod have it without a download."""
+        if layer.packaging != "raw":
+            return None
+        existing = self._store.stat(layer.digest)
+        if existing is None or not self._access.after_fetch(layer.digest, ref, creds):
+            return None
+        return existing
+
+    def _download_from_origin(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
+        stored = self._run_download(ref, layer, creds)
+        self._access.downloaded(stored.digest, ref, creds)  # durable before anyone is handed the module
+        return stored
 
     def _land(self, key: str, flight: object = None) -> None:
         with self._lock:
@@ -348,9 +425,8 @@ class Puller:
         reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
         with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as archive:
-                    self._extract_module(ref, archive, ingest.write)
-            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                self._extract_module(ref, TarStream(reader.read, str(ref)), ingest.write)
+            except zlib.error as exc:
                 raise UnsupportedLayout(f"image {ref}: the compat layer is not a valid tar+gzip: {exc}") from exc
             reader.drain()
             if reader.digest != layer.digest:
@@ -359,7 +435,7 @@ class Puller:
                 )
             return ingest.commit(expected_digest=None)
 
-    def _extract_module(self, ref: Reference, archive: tarfile.TarFile, write: Callable[[bytes], None]) -> None:
+    def _extract_module(self, ref: Reference, archive: TarStream, write: Callable[[bytes], None]) -> None:
         for member in archive:
             if posixpath.basename(member.name.rstrip("/")) != MODULE_IN_TAR:
                 continue
@@ -368,18 +444,16 @@ class Puller:
                 raise UnsupportedLayout(
                     f"image {ref}: compat layer entry {member.name[:100]!r} is absolute or climbs out with '..'"
                 )
-            if not member.isreg():
+            if member.kind != "file":
                 raise UnsupportedLayout(
-                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file"
+                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file ({member.kind})"
                 )
             if member.size > self._config.max_module_bytes:
                 raise TooLarge(
                     f"image {ref}: {member.name[:100]!r} is {member.size} bytes, over the node's limit of "
                     f"{self._config.max_module_bytes}"
                 )
-            source = archive.extractfile(member)
-            assert source is not None  # a regular member always has data
-            while chunk := source.read(256 * 1024):
+            for chunk in archive.data(member):
                 write(chunk)
             return
         raise UnsupportedLayout(f"image {ref}: the compat layer holds no {MODULE_IN_TAR}")

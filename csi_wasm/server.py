@@ -14,7 +14,7 @@ import grpc
 from csi_wasm._gen import csi_pb2_grpc
 from csi_wasm.config import DriverConfig, UsageError
 from csi_wasm.credentials import Keychain, load_docker_config
-from csi_wasm.endpoint import BoundSocket, clear_stale_socket, private_name, sweep_private_names
+from csi_wasm.endpoint import SocketBinding, clear_stale_socket, sweep_stale_bindings
 from csi_wasm.errors import DriverError
 from csi_wasm.gc import GarbageCollector
 from csi_wasm.logs import event
@@ -30,9 +30,12 @@ from csi_wasm.registry import RegistryClient
 from csi_wasm.servicers import IdentityServicer, NodeServicer
 from csi_wasm.statedir import StateDirLock
 from csi_wasm.store import ModuleStore
+from csi_wasm.topology import require_shared_pods_dir
 
 log = logging.getLogger("csi_wasm.server")
-GRPC_WORKERS = 16
+# gRPC workers beyond the publishes that may wait on registries (pull.max_pulling_publishes, enforced by
+# csi_wasm.admission): Probe, capabilities, unpublish and publishes of stored modules always find one.
+FAST_WORKERS = 16
 STOP_GRACE_SECONDS = 30.0
 
 
@@ -47,8 +50,9 @@ class Driver:
         registry_client: RegistryClient | None = None,
     ) -> None:
         self.config = config
+        require_shared_pods_dir(self.pods_dir)  # before anything is created: a refused start leaves nothing
         self.metrics = metrics or Metrics()
-        self.mounter = mounter or LinuxMounter()
+        self.mounter = mounter or LinuxMounter(staging_dir=config.state_dir / "staging")
         self.store = ModuleStore(config.state_dir / "store", config.node.store.min_free_bytes)
         self.records = RecordStore(config.state_dir / "volumes")
         self.client = registry_client or RegistryClient(config.node)
@@ -104,13 +108,14 @@ class Driver:
         return self._ready.is_set()
 
     def recover(self) -> RecoveryReport:
-        report = recover(self.store, self.records, self.mounter, self.pods_dir, self.metrics)
+        report = recover(self.store, self.records, self.mounter, self.publisher.targets, self.metrics)
         self._ready.set()
         return report
 
     def grpc_server(self) -> grpc.Server:
+        workers = self.config.node.pull.max_pulling_publishes + FAST_WORKERS
         server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="grpc"),
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -125,6 +130,7 @@ class Driver:
         self._stop_background.set()
         self.gc.trigger()
         self.puller.close()
+        self.client.close()
 
 
 def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
@@ -141,15 +147,16 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
     try:
         socket_path = pathlib.Path(driver.config.socket_path)
         clear_stale_socket(socket_path)
-        sweep_private_names(socket_path)
+        sweep_stale_bindings(socket_path)
         server = driver.grpc_server()
-        staging = private_name(socket_path)
+        binding = SocketBinding(socket_path)
         try:
-            server.add_insecure_port(f"unix://{staging}")
+            server.add_insecure_port(binding.address)
         except RuntimeError as exc:
+            binding.close()
             raise UsageError(f"--endpoint unix://{socket_path}: cannot listen there ({exc})") from exc
         server.start()
-        bound = BoundSocket.rename_onto(staging, socket_path)
+        binding.publish()
         event(log, "serving", endpoint=str(socket_path), driver=driver.config.driver_name, node_id=driver.config.node_id)
         try:
             driver.recover()
@@ -160,7 +167,7 @@ def serve(driver: Driver, stop: threading.Event, on_ready: Callable[[], None] | 
         finally:
             event(log, "stopping", grace_seconds=STOP_GRACE_SECONDS)
             server.stop(STOP_GRACE_SECONDS).wait()
-            bound.remove()  # before the lock goes: a successor binds only once it holds the lock
+            binding.close()  # before the lock goes: a successor binds only once it holds the lock
             driver.close()
             event(log, "stopped")
     finally:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from csi_wasm.config import NodeConfig
 from csi_wasm.credentials import Credentials
-from csi_wasm.errors import AccessDenied, ContentError, ModuleNotFound
+from csi_wasm.errors import AccessDenied, ContentError, DigestMismatch, ModuleNotFound, TooLarge
 from csi_wasm.reference import Reference, is_sha256_digest
 
 SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -89,9 +89,10 @@ class SignatureVerifier:
                 f"image {ref}: this node requires a cosign signature for {ref.registry}, and {manifest_digest} "
                 f"has none (no {sig_ref.tag} in the repository); sign it with `cosign sign --key`"
             ) from None
+        listed = manifest.body.get("layers")
         layers = [
             layer
-            for layer in (manifest.body.get("layers") or [])
+            for layer in (listed if isinstance(listed, list) else [])
             if isinstance(layer, dict) and layer.get("mediaType") == SIMPLESIGNING_MEDIA_TYPE
         ][:MAX_SIGNATURE_LAYERS]
         problems: list[str] = []
@@ -131,9 +132,15 @@ class SignatureVerifier:
         except (binascii.Error, ValueError):
             return "a signature is not base64"
         try:
-            payload = self._client.fetch_blob_bytes(sig_ref, digest, creds, MAX_PAYLOAD_BYTES, deadline)
-        except ContentError:
+            payload = self._client.fetch_blob_bytes(sig_ref, digest, creds, min(size, MAX_PAYLOAD_BYTES), deadline)
+        except ModuleNotFound:
+            return "a payload is missing from the registry"
+        except TooLarge:
+            return "a payload is larger than its layer says"
+        except DigestMismatch:
             return "a payload does not match its digest"
+        except ContentError:
+            return "a payload could not be read"
         try:
             key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:

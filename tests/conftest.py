@@ -1,7 +1,9 @@
 """Shared fixtures: a real registry, a real driver on a real unix socket, real mounts.
 
 The whole test session runs in a private mount namespace (entered before any
-thread starts), so no bind mount made by a test can reach the host.
+thread starts), so no bind mount made by a test can reach the host. Inside it,
+every kubelet pods dir is made a shared mount of its own (``share_directory``),
+as it is on a node: the driver refuses to start otherwise.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from csi_wasm.config import DriverConfig, NodeConfig, PullConfig
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
-from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
+from csi_wasm.mounts import LinuxMounter, Mounter, enter_private_mount_namespace, unmount_path
 from csi_wasm.server import BackgroundServer, Driver
+from csi_wasm.topology import share_directory
 
 if TYPE_CHECKING:
     from faultproxy import FaultProxy
@@ -30,6 +33,15 @@ DRIVER_NAME = "csi-wasm.dev"
 
 def pytest_configure(config: pytest.Config) -> None:
     enter_private_mount_namespace()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mounts_left_in_temp_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Shared pods dirs of drivers run as subprocesses outlive their tests: unmount them at the end."""
+    yield
+    base = f"{tmp_path_factory.getbasetemp()}/"
+    for point in sorted((m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(base)), reverse=True):
+        unmount_path(pathlib.Path(point))
 
 
 @pytest.fixture(scope="session")
@@ -100,11 +112,12 @@ class RunningDriver:
         return volume
 
     def mounts_under_kubelet(self) -> list[str]:
-        prefix = f"{self.config.kubelet_dir}/"
+        """Mounts in kubelet's pods tree (the pods dir's own shared mount, as on a node, not counted)."""
+        prefix = f"{self.config.kubelet_dir}/pods/"
         return [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(prefix)]
 
 
-def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
+def start_driver(tmp_path: pathlib.Path, node: NodeConfig, mounter: Mounter | None = None) -> RunningDriver:
     config = DriverConfig(
         driver_name=DRIVER_NAME,
         node_id="test-node",
@@ -113,9 +126,9 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig) -> RunningDriver:
         kubelet_dir=tmp_path / "kubelet",
         node=node,
     )
-    (config.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
+    share_directory(config.kubelet_dir / "pods")
     pathlib.Path(config.socket_path).parent.mkdir(parents=True, exist_ok=True)  # kubelet's plugin dir exists
-    server = BackgroundServer(Driver(config))
+    server = BackgroundServer(Driver(config, mounter=mounter))
     return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
 
 
@@ -123,7 +136,8 @@ def stop_driver(running: RunningDriver) -> None:
     running.kubelet.close()
     running.server.stop()
     for mount_point in sorted(running.mounts_under_kubelet(), reverse=True):
-        LinuxMounter().unmount(pathlib.Path(mount_point))
+        unmount_path(pathlib.Path(mount_point))
+    unmount_path(running.config.kubelet_dir / "pods")
 
 
 def fast_pull_config() -> PullConfig:
@@ -203,7 +217,7 @@ def driver_process(tmp_path: pathlib.Path, *extra: str, global_args: tuple[str, 
     import sys
 
     socket = str(tmp_path / "csi" / "csi.sock")
-    (tmp_path / "kubelet" / "pods").mkdir(parents=True, exist_ok=True)
+    share_directory(tmp_path / "kubelet" / "pods")
     (tmp_path / "csi").mkdir(exist_ok=True)
     args = [sys.executable, "-m", "csi_wasm", *global_args, "serve", "--endpoint", f"unix://{socket}", "--node-id", "test-node",
             "--driver-name", DRIVER_NAME, "--state-dir", str(tmp_path / "state"),

@@ -10,7 +10,8 @@ Faults: ``status`` (any code, with headers such as Retry-After), ``reset_after``
 (RST mid-body), ``truncate_after`` (FIN before Content-Length is reached),
 ``corrupt`` (same length, wrong bytes), ``stall_headers``/``stall_body`` (silence
 until released), ``drip`` (the body a few bytes at a time), ``redirect_to``,
-``redirect_loop``, ``oversized`` and ``endless_chunked`` bodies. ``refuse()``
+``redirect_loop``, ``oversized`` and ``endless_chunked`` bodies, ``drip_headers`` (the status
+line and headers a byte at a time) and ``replace_body`` (the upstream's answer, rewritten). ``refuse()``
 closes the listening socket (connection refused) and ``accept()`` reopens it on the
 same port. Every request is recorded (``seen``/``count``), with its headers, so a
 test can tell whether a retry happened, when, and which credentials went where.
@@ -54,6 +55,13 @@ class Exchange:
         self.handler = handler
         self.seen = seen
         self.sock: socket.socket = handler.connection
+        self._counter = proxy._counter(seen)
+
+    def write(self, data: bytes) -> None:
+        """Send raw bytes, counted as they go (``FaultProxy.bytes_sent``)."""
+        self.sock.sendall(data)
+        with self.proxy._lock:
+            self._counter[0] += len(data)
 
     def upstream(self) -> Upstream:
         return self.proxy.forward(self.seen)
@@ -64,11 +72,11 @@ class Exchange:
         lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_HEADERS]
         lines.append(f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked")
         lines.append("Connection: close")
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     def send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.send_head(status, headers, len(body))
-        self.sock.sendall(body)
+        self.write(body)
 
     def reset(self) -> None:
         """Abort the connection with a TCP RST."""
@@ -105,7 +113,7 @@ def reset_after(count: int) -> Fault:
     def fault(ex: Exchange) -> None:
         code, headers, body = ex.upstream()
         ex.send_head(code, headers, len(body))
-        ex.sock.sendall(body[: min(count, max(len(body) - 1, 0))])
+        ex.write(body[: min(count, max(len(body) - 1, 0))])
         time.sleep(0.05)
         ex.reset()
 
@@ -118,7 +126,7 @@ def truncate_after(count: int) -> Fault:
     def fault(ex: Exchange) -> None:
         code, headers, body = ex.upstream()
         ex.send_head(code, headers, len(body))
-        ex.sock.sendall(body[: min(count, max(len(body) - 1, 0))])
+        ex.write(body[: min(count, max(len(body) - 1, 0))])
         ex.sock.shutdown(socket.SHUT_RDWR)
 
     return fault
@@ -141,13 +149,37 @@ def stall_headers(seconds: float = 300.0) -> Fault:
     return fault
 
 
+def hold(seconds: float = 300.0) -> Fault:
+    """Say nothing until released (or ``seconds``), then answer as the upstream does."""
+
+    def fault(ex: Exchange) -> None:
+        ex.wait(seconds)
+        passthrough(ex)
+
+    return fault
+
+
+def hold_tail(answer: bytes | None = None, count: int = 1, seconds: float = 300.0) -> Fault:
+    """An answer (the upstream's, or 200 with ``answer``), Content-Length and all, but its last ``count``
+    bytes, which wait for a release."""
+
+    def fault(ex: Exchange) -> None:
+        code, headers, body = ex.upstream() if answer is None else (200, [], answer)
+        ex.send_head(code, headers, len(body))
+        ex.write(body[:-count])
+        ex.wait(seconds)
+        ex.write(body[-count:])
+
+    return fault
+
+
 def stall_body(after: int = 16, seconds: float = 300.0) -> Fault:
     """Send the headers and ``after`` bytes, then nothing (until released)."""
 
     def fault(ex: Exchange) -> None:
         code, headers, body = ex.upstream()
         ex.send_head(code, headers, len(body))
-        ex.sock.sendall(body[:after])
+        ex.write(body[:after])
         ex.wait(seconds)
 
     return fault
@@ -163,9 +195,9 @@ def drip(total_seconds: float, pieces: int = 40) -> Fault:
         gap = total_seconds / max(1, -(-len(body) // step))
         for offset in range(0, len(body), step):
             if ex.wait(gap):  # released: the network is healthy again, send the rest at once
-                ex.sock.sendall(body[offset:])
+                ex.write(body[offset:])
                 return
-            ex.sock.sendall(body[offset : offset + step])
+            ex.write(body[offset : offset + step])
 
     return fault
 
@@ -195,16 +227,65 @@ def oversized(size: int) -> Fault:
     return fault
 
 
-def endless_chunked(chunk: int = 64 * 1024, limit: int = 2 * 1024**3) -> Fault:
-    """A chunked body that never ends (until the client hangs up, or ``limit`` bytes as a safety stop)."""
+def endless_chunked(
+    chunk: int = 64 * 1024, limit: int = 2 * 1024**3, code: int = 200, prefix: bytes = b"", fill: bytes = b"\0"
+) -> Fault:
+    """A chunked body that never ends (until the client hangs up, or ``limit`` bytes as a safety stop).
+
+    ``prefix`` goes first (e.g. a valid Wasm header, so a client cannot refuse it on its magic), then ``fill``.
+    """
 
     def fault(ex: Exchange) -> None:
-        ex.send_head(200, [("Content-Type", "application/vnd.oci.image.manifest.v1+json")], None)
-        piece = f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n"
+        ex.send_head(code, [("Content-Type", "application/vnd.oci.image.manifest.v1+json")], None)
+        if prefix:
+            ex.write(f"{len(prefix):x}\r\n".encode() + prefix + b"\r\n")
+        piece = f"{chunk:x}\r\n".encode() + (fill * chunk)[:chunk] + b"\r\n"
         sent = 0
         while sent < limit and not ex.proxy.released.is_set():
-            ex.sock.sendall(piece)
+            ex.write(piece)
             sent += chunk
+
+    return fault
+
+
+def drip_headers(gap: float = 0.5) -> Fault:
+    """The upstream's answer, its status line and headers one byte every ``gap`` seconds (until released)."""
+
+    def fault(ex: Exchange) -> None:
+        code, headers, body = ex.upstream()
+        lines = [f"HTTP/1.1 {code} {http.client.responses.get(code, 'Status')}"]
+        lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_HEADERS]
+        head = ("\r\n".join(lines + [f"Content-Length: {len(body)}", "Connection: close"]) + "\r\n\r\n").encode()
+        for index in range(len(head)):
+            if ex.wait(gap):
+                ex.write(head[index:] + body)
+                return
+            ex.write(head[index : index + 1])
+        ex.write(body)
+
+    return fault
+
+
+def replace_body(rewrite: Callable[[bytes], bytes], headers: dict[str, str] | None = None) -> Fault:
+    """The upstream's answer with its body rewritten (and headers replaced or added)."""
+
+    def fault(ex: Exchange) -> None:
+        code, upstream_headers, body = ex.upstream()
+        merged = {k: v for k, v in upstream_headers if k.lower() not in {h.lower() for h in headers or {}}}
+        ex.send(code, list((merged | (headers or {})).items()), rewrite(body))
+
+    return fault
+
+
+def challenge(realm: str | Callable[[Seen], str], service: str = "csi-wasm-test") -> Fault:
+    """A Bearer challenge (401) unless the request carries an Authorization header; then the upstream's answer."""
+
+    def fault(ex: Exchange) -> None:
+        if "Authorization" in ex.seen.headers:
+            passthrough(ex)
+            return
+        where = realm(ex.seen) if callable(realm) else realm
+        ex.send(401, [("WWW-Authenticate", f'Bearer realm="{where}",service="{service}"')], b"")
 
     return fault
 
@@ -227,6 +308,7 @@ class FaultProxy:
     released: threading.Event = field(default_factory=threading.Event)
     _rules: list[_Rule] = field(default_factory=list)
     _seen: list[Seen] = field(default_factory=list)
+    _sent: list[tuple[Seen, list[int]]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -310,6 +392,18 @@ class FaultProxy:
     def count(self, pattern: str = "") -> int:
         return len(self.seen(pattern))
 
+    def bytes_sent(self, pattern: str = "") -> int:
+        """Bytes the proxy wrote to clients for the requests matching ``pattern`` (those finished or cut off)."""
+        regex = re.compile(pattern)
+        with self._lock:
+            return sum(sent[0] for seen, sent in self._sent if regex.search(seen.line))
+
+    def _counter(self, seen: Seen) -> list[int]:
+        counter = [0]
+        with self._lock:
+            self._sent.append((seen, counter))
+        return counter
+
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self._seen.append(seen)
@@ -377,4 +471,5 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
 __all__ = [
     "FaultProxy", "Seen", "Exchange", "passthrough", "status", "reset_after", "truncate_after", "corrupt",
     "stall_headers", "stall_body", "drip", "redirect_to", "redirect_loop", "oversized", "endless_chunked",
+    "drip_headers", "replace_body", "challenge", "hold", "hold_tail",
 ]  # fmt: skip

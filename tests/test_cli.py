@@ -24,6 +24,8 @@ import pytest
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.cli import build_parser
 from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig, StoreConfig
+from csi_wasm.mounts import unmount_path
+from csi_wasm.topology import share_directory
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "csi-wasm"
@@ -58,11 +60,12 @@ def snapshot(root: pathlib.Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.fixture
-def node(tmp_path: pathlib.Path) -> pathlib.Path:
+def node(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     """A node's directories as the DaemonSet has them: the plugin (socket) dir and kubelet's pods dir."""
     (tmp_path / "csi").mkdir()
-    (tmp_path / "kubelet" / "pods").mkdir(parents=True)
-    return tmp_path
+    share_directory(tmp_path / "kubelet" / "pods")  # Bidirectional propagation makes it a shared mount
+    yield tmp_path
+    unmount_path(tmp_path / "kubelet" / "pods")
 
 
 def serve_args(node: pathlib.Path, *extra: str, node_id: str = "node-a") -> list[str]:
@@ -214,6 +217,21 @@ def test_a_driver_never_removes_a_socket_it_no_longer_owns(node: pathlib.Path) -
             assert first.terminate() == 0
             assert answering_node(sock) == "node-b", "the first driver removed the second one's socket"
             second.terminate()
+
+
+def test_an_endpoint_of_the_longest_socket_path_serves_and_a_longer_one_is_one_line(node: pathlib.Path) -> None:
+    prefix = f"{node}/plugins/"
+    deep = pathlib.Path(prefix + "d" * (107 - len(prefix) - len("/csi.sock")))
+    deep.mkdir(parents=True)
+    sock = deep / "csi.sock"
+    assert len(bytes(sock)) == 107
+    args = serve_args(node)
+    args[args.index("--endpoint") + 1] = f"unix://{sock}"
+    with Driver(args, sock) as driver:
+        assert driver.wait_ready() == "node-a"
+        assert driver.terminate() == 0
+    args[args.index("--endpoint") + 1] = f"unix://{deep}/csi.sock2"
+    one_line_error(run(*args), "108 bytes", "at most 107")
 
 
 # -- one driver per state dir, and the hand-over --------------------------------------------------

@@ -163,8 +163,14 @@ def test_unpublish_unknown_volume_without_target_is_invalid_not_not_found(csi: R
 
 def test_unpublish_of_an_unknown_volume_is_ok(csi: RunningDriver, image: str) -> None:
     volume = csi.volume(image)
-    csi.kubelet.unmount(volume)  # never published: kubelet must not be stuck retrying
-    assert not csi.kubelet.target_path(volume).exists()
+    csi.kubelet.unmount(volume)  # never published, nothing on disk: kubelet must not be stuck retrying
+    # never published, but its empty target is there (a crash between mkdir and mount): removed too
+    target = csi.kubelet.target_path(volume)
+    target.mkdir(parents=True)
+    csi.kubelet.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=str(target)), timeout=10
+    )
+    assert not target.exists() and target.parent.is_dir()
 
 
 # -- A real publish --------------------------------------------------------

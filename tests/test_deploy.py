@@ -289,6 +289,9 @@ def test_dockerfile_is_multi_stage_on_a_pinned_base_without_build_tools_in_the_f
     assert ("COPY", "--from=build /opt/csi-wasm /opt/csi-wasm") in final
     run = " ".join(value for instruction, value in build if instruction == "RUN")
     assert "--only-binary=:all:" in run and "--requirement constraints.txt" in run and "--no-deps ." in run
+    # On 3.11 `python -m venv` seeds pip and setuptools, which then ship (seen in a real build by
+    # scripts/image.sh): the venv starts empty and the base image's pip installs into it.
+    assert "-m venv --without-pip /opt/csi-wasm" in run and "--python /opt/csi-wasm/bin/python install" in run
 
 
 def test_dockerfile_entrypoint_runs_csi_wasm_serve_with_flags_the_cli_has() -> None:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import pathlib
+import subprocess
 import re
 import socket
 import tarfile
@@ -38,12 +39,13 @@ from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.errors import AccessDenied, ContentError, InvalidRequest, TooLarge, UnsupportedLayout
 from csi_wasm.layouts import ModuleLayer
 from csi_wasm.metrics import Metrics
-from csi_wasm.mounts import LinuxMounter
+from csi_wasm.mounts import LinuxMounter, unmount_path
 from csi_wasm.policy import ImagePolicy
 from csi_wasm.publish import KNOWN_ATTRIBUTES, MAX_PATH_BYTES, VolumeSpec
 from csi_wasm.pull import Puller
 from csi_wasm.reference import parse_reference
 from csi_wasm.store import ModuleStore
+from csi_wasm.tarstream import MAX_METADATA_BYTES
 
 MODULE = make_module(4096, "hostile")
 SAFE_REFERENCE = re.compile(r"[A-Za-z0-9._:/@\-\[\]]+")
@@ -250,6 +252,8 @@ DATA = [MODULE, b"", b"not wasm at all", b"\0asm\x01\0\0\0", make_module(70 * 10
 
 def _expected(members: list[tuple[str, str, bytes]]) -> bytes | None:
     for name, kind, data in members:
+        if kind in ("sym", "lnk") and len(data) > MAX_METADATA_BYTES:
+            return None  # its link name needs a pax header larger than a node reads: the layer is refused
         if name.rstrip("/").rsplit("/", 1)[-1] != "plugin.wasm":
             continue
         if name.startswith("/") or ".." in name.split("/") or kind != "reg" or len(data) > 64 * 1024:
@@ -283,7 +287,7 @@ def test_compat_layers_never_write_outside_the_store(
     check()
     assert {p for p in sandbox.parent.iterdir()} == before
     assert {p.name for p in sandbox.iterdir()} == {"store"}
-    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins"}
+    assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins", "access", "seals"}
 
 
 def test_a_gzip_bomb_is_refused_early(tar_puller: tuple[Puller, ModuleStore, pathlib.Path]) -> None:
@@ -411,12 +415,32 @@ def test_known_attacks_are_refused_precisely(
         assert not any(planted.iterdir()) and not os.path.exists("/etc/mount"), name
         assert not (hostile_csi.driver.pods_dir / UID / "volumes" / "kubernetes.io~csi" / "vol" / "mount").exists()
     assert dialled == []
-    assert all(m.mount_point.startswith(str(hostile_csi.config.kubelet_dir)) is False
-               for m in LinuxMounter().mounts() if "fake-etc" in m.mount_point)  # fmt: skip
+    assert _mounts_at_or_under(planted) == [] and "/etc/mount" not in [m.mount_point for m in LinuxMounter().mounts()]
     # and after all that, a good publish still works
     good = InlineVolume(new_pod_uid(), "p", "default", "wasm", {"image": hostile_image})
     assert (hostile_csi.kubelet.mount(good) / "plugin.wasm").read_bytes() == MODULE
     hostile_csi.kubelet.unmount(good)
+
+
+def _mounts_at_or_under(directory: pathlib.Path) -> list[str]:
+    """Mount points at ``directory`` or inside it (a publish that followed a planted symlink lands there)."""
+    root = os.path.realpath(directory)
+    return [m.mount_point for m in LinuxMounter().mounts()
+            if m.mount_point == root or m.mount_point.startswith(root + "/")]  # fmt: skip
+
+
+def test_the_planted_directory_check_sees_a_mount_there(planted: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The check above can fail: a bind mount inside the planted directory is reported."""
+    source, target = tmp_path / "source", planted / "mount"
+    source.mkdir()
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        assert _mounts_at_or_under(planted) == [str(target)]
+    finally:
+        unmount_path(target)
+        target.rmdir()
+    assert _mounts_at_or_under(planted) == []
 
 
 @pytest.mark.parametrize("volume_id", ["x" * 100_000, "id\0with-nul", "../../../etc", "é\u202e", " ", "a/b"])

@@ -128,7 +128,9 @@ def test_a_redirect_to_a_forbidden_address_is_refused_before_connecting(
 def test_the_registry_itself_on_a_metadata_address_is_refused(
     proxied_csi: RunningDriver, dialled: list[object]
 ) -> None:
-    for image in ("169.254.169.254/latest/meta-data:v1", "[fd00:ec2::254]/x:v1", "100.100.100.200/x:v1"):
+    for image in ("169.254.169.254/latest/meta-data:v1", "[fd00:ec2::254]/x:v1", "100.100.100.200/x:v1",
+                  "[64:ff9b::a9fe:a9fe]/x:v1", "[2002:a9fe:a9fe::1]/x:v1", "[::a9fe:a9fe]/x:v1",
+                  "192.0.0.192/opc:v1", "168.63.129.16/machine:v1"):  # fmt: skip
         code, detail = _code(proxied_csi, image)
         assert code == DENIED, detail
     assert dialled == []
@@ -143,7 +145,14 @@ def test_the_registry_itself_on_a_metadata_address_is_refused(
      ("10.1.2.3", "203.0.113.7", ("10.1.0.0/16",), False),  # unless the admin allows the block
      ("127.0.0.1", "127.0.0.1", (), False), ("127.0.0.1", "203.0.113.7", (), True),
      ("0.0.0.0", "203.0.113.7", (), True), ("::1", "2001:db8::1", (), True),
-     ("203.0.113.9", "127.0.0.1", (), False), ("::ffff:10.0.0.1", "203.0.113.7", (), True)],
+     ("203.0.113.9", "127.0.0.1", (), False), ("::ffff:10.0.0.1", "203.0.113.7", (), True),
+     # IPv4 carried in IPv6: NAT64, 6to4, compatible, translated, Teredo; more metadata services
+     ("64:ff9b::a9fe:a9fe", None, (), True), ("64:ff9b:1::a9fe:a9fe", None, (), True),
+     ("2002:a9fe:a9fe::1", None, (), True), ("::a9fe:a9fe", None, (), True), ("::ffff:0:a9fe:a9fe", None, (), True),
+     ("2001:0:4136:e378:8000:63bf:5601:5601", None, (), True), ("64:ff9b::a00:5", "203.0.113.7", (), True),
+     ("64:ff9b::a00:5", None, (), False), ("64:ff9b::cb00:7109", "203.0.113.7", (), False),
+     ("192.0.0.192", None, (), True), ("168.63.129.16", None, (), True), ("fd20:ce::254", None, (), True),
+     ("::1", None, (), False), ("2001:db8::1", "203.0.113.7", (), False)],
 )  # fmt: skip
 def test_the_ssrf_rule(destination: str, origin: str | None, allowed: tuple[str, ...], refused: bool) -> None:
     from csi_wasm.registry import resolve
@@ -152,6 +161,59 @@ def test_the_ssrf_rule(destination: str, origin: str | None, allowed: tuple[str,
         resolve(destination), resolve(origin) if origin else None, [ipaddress.ip_network(n) for n in allowed]
     )
     assert (reason is not None) is refused, reason
+
+
+NAMES = {"metadata.csi-wasm.test": ["169.254.169.254"], "nat64-metadata.csi-wasm.test": ["64:ff9b::a9fe:a9fe"],
+         "private.csi-wasm.test": ["10.0.0.7"], "loopback.csi-wasm.test": ["127.0.0.1"],
+         "mixed.csi-wasm.test": ["127.0.0.1", "169.254.169.254"]}  # fmt: skip
+
+
+@pytest.fixture
+def hosts_file(tmp_path: pathlib.Path) -> Iterator[None]:
+    """Host names the tests resolve: /etc/hosts with NAMES added, bind-mounted over the real one (the test
+    session runs in a private mount namespace, so the host never sees it)."""
+    import subprocess
+
+    hosts = tmp_path / "hosts"
+    extra = "".join(f"{address} {name}\n" for name, addresses in NAMES.items() for address in addresses)
+    hosts.write_text(pathlib.Path("/etc/hosts").read_text() + extra)
+    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "/etc/hosts"], check=True)
+
+
+@pytest.mark.usefixtures("hosts_file")
+@pytest.mark.parametrize("name", ["metadata", "nat64-metadata", "mixed"])
+def test_a_registry_named_by_a_name_that_resolves_to_metadata_is_refused(
+    proxied_csi: RunningDriver, proxy: fp.FaultProxy, name: str, dialled: list[object]
+) -> None:
+    code, detail = _code(proxied_csi, f"{name}.csi-wasm.test:{proxy.port}/x:v1")
+    assert code == DENIED and "metadata" in detail, detail
+    assert dialled == [] and proxy.count() == 0
+
+
+@pytest.mark.usefixtures("hosts_file")
+def test_a_token_realm_or_redirect_by_name_is_resolved_and_refused(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, dialled: list[object]
+) -> None:
+    challenge = 'Bearer realm="https://metadata.csi-wasm.test/token",service="evil"'
+    proxy.add(r"^GET /v2/hostile/registry/manifests/", fp.status(401, {"WWW-Authenticate": challenge}), times=1)
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+    assert code == DENIED and "token realm" in detail and "169.254.169.254" in detail, detail
+    proxy.add(r"^GET /v2/hostile/registry/blobs/", fp.redirect_to("http://private.csi-wasm.test/v2/x"))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host))
+    assert code == DENIED and "redirect" in detail and "10.0.0.0/8" in detail, detail
+    assert dialled == []
+    _nothing_left(proxied_csi)
+
+
+@pytest.mark.usefixtures("hosts_file")
+def test_a_pod_cannot_name_the_nodes_loopback_by_a_name(proxied_csi: RunningDriver, proxy: fp.FaultProxy) -> None:
+    code, detail = _code(proxied_csi, f"loopback.csi-wasm.test:{proxy.port}/x:v1")
+    assert code == DENIED and "loopback" in detail, detail
+    assert proxy.count() == 0  # it listens there: the refusal came before any connection
 
 
 def test_refuse_forbidden_host_names_the_reason() -> None:
@@ -321,3 +383,94 @@ def test_bad_allow_list_patterns_are_configuration_errors(pattern: str) -> None:
     assert validate_pattern(pattern)
     with pytest.raises(ConfigError):
         parse_node_config({"allowed_images": [pattern]})
+
+
+# -- hostile answers: manifests and token services ---------------------------------------------------
+
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+GOOD_LAYER = {"mediaType": "application/wasm", "digest": "sha256:" + "1" * 64, "size": 10}
+
+
+def _manifest(**fields: object) -> bytes:
+    import json
+
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"} | fields).encode()
+
+
+HOSTILE_MANIFESTS = [
+    ("200,000 nested arrays", b"[" * 200_000 + b"]" * 200_000, "JSON values"),
+    ("5,000 nested arrays", b"[" * 5_000 + b"]" * 5_000, "nested too deeply"),
+    ("5,000 nested objects", b'{"a":' * 5_000 + b"1" + b"}" * 5_000, "nested too deeply"),
+    ("a JSON list", b"[]", "not a JSON object"),
+    ("not JSON", b"\x89PNG\r\n", "not JSON"),
+    ("layers is a number", _manifest(layers=5), "no layers"),
+    ("layers is an object", _manifest(layers={"mediaType": "application/wasm"}), "no layers"),
+    ("a layer media type that is a list", _manifest(layers=[GOOD_LAYER | {"mediaType": ["application/wasm"]}]),
+     "no Wasm module layer"),
+    ("a last layer media type that is an object", _manifest(layers=[{"mediaType": {"a": 1}, "size": 1}]),
+     "no Wasm module layer"),
+    ("a size that is a string", _manifest(layers=[GOOD_LAYER | {"size": "10"}]), "no valid size"),
+    ("a digest that is a list", _manifest(layers=[GOOD_LAYER | {"digest": ["sha256:1"]}]), "not a sha256 digest"),
+    ("a media type that is a number", _manifest(layers=[GOOD_LAYER]) .replace(b'"application/vnd.oci.image.manifest.v1+json"', b"7"),
+     "unsupported manifest media type"),
+    ("manifests is a number (index)", _manifest(mediaType="application/vnd.oci.image.index.v1+json", manifests=7),
+     "lists no manifests"),
+    ("a platform that is a list (index)",
+     _manifest(mediaType="application/vnd.oci.image.index.v1+json",
+               manifests=[{"digest": "sha256:" + "2" * 64, "platform": ["wasm"]}] * 2), "expected exactly one"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, message", [(b, m) for _, b, m in HOSTILE_MANIFESTS], ids=[n for n, _, _ in HOSTILE_MANIFESTS])
+def test_hostile_manifests_are_refused_precisely(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, body: bytes, message: str
+) -> None:
+    proxy.add(r"^GET /v2/hostile/registry/manifests/", fp.status(200, {"Content-Type": "application/json"}, body))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host))
+    assert (code, message in detail) == (FAILED, True), detail
+    _nothing_left(proxied_csi)
+
+
+TOKEN_ANSWERS = [
+    ("not JSON", fp.status(200, {}, b"<html>sign in</html>"), UNAVAILABLE, "not JSON"),
+    ("a JSON list", fp.status(200, {}, b'["token"]'), UNAVAILABLE, "not a JSON object"),
+    ("nested 30,000 deep", fp.status(200, {}, b"[" * 30_000 + b"]" * 30_000), UNAVAILABLE, "JSON values"),
+    ("nested 5,000 deep", fp.status(200, {}, b"[" * 5_000 + b"]" * 5_000), UNAVAILABLE, "nested too deeply"),
+    ("no token", fp.status(200, {}, b'{"expires_in": 60}'), UNAVAILABLE, "no usable token"),
+    ("a token that is a number", fp.status(200, {}, b'{"token": 12345}'), UNAVAILABLE, "no usable token"),
+    ("a token with a space", fp.status(200, {}, b'{"token": "a b"}'), UNAVAILABLE, "no usable token"),
+    ("a token that injects a header", fp.status(200, {}, b'{"token": "a\\r\\nX-Evil: 1"}'), UNAVAILABLE,
+     "no usable token"),
+    ("a token of 9,000 bytes", fp.status(200, {}, b'{"token": "' + b"t" * 9000 + b'"}'), UNAVAILABLE,
+     "no usable token"),
+    ("gzip the client did not ask for", fp.status(200, {"Content-Encoding": "gzip"}, __import__("gzip").compress(
+        b'{"token": "zipped"}')), UNAVAILABLE, "not JSON"),
+    ("an endless body", fp.endless_chunked(), FAILED, "exceeds the node's limit"),
+    ("headers dripped", fp.drip_headers(0.5), UNAVAILABLE, "deadline"),
+    ("HTTP 401", fp.status(401), DENIED, "refused the pod credentials"),
+    ("HTTP 503", fp.status(503), UNAVAILABLE, "gave up after 2 attempts"),
+    ("a redirect", fp.redirect_to("http://169.254.169.254/token"), UNAVAILABLE, "answered HTTP 307"),
+    ("expires_in that is a word", fp.status(200, {}, b'{"token": "ok", "expires_in": "soon"}'), None, ""),
+    ("expires_in NaN", fp.status(200, {}, b'{"token": "ok", "expires_in": NaN}'), None, ""),
+    ("expires_in 1e308", fp.status(200, {}, b'{"token": "ok", "expires_in": 1e308}'), None, ""),
+    ("expires_in negative", fp.status(200, {}, b'{"token": "ok", "expires_in": -5}'), None, ""),
+    ("access_token", fp.status(200, {}, b'{"access_token": "ok"}'), None, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("answer, expected, message", [(a, e, m) for _, a, e, m in TOKEN_ANSWERS],
+                         ids=[n for n, _, _, _ in TOKEN_ANSWERS])  # fmt: skip
+def test_hostile_token_service_answers(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed, answer: fp.Fault,
+    expected: grpc.StatusCode | None, message: str, dialled: list[object],
+) -> None:  # fmt: skip
+    proxy.add(r"^GET /token", answer)
+    proxy.add(r"^GET /v2/", fp.challenge(f"http://{proxy.host}/token"))
+    code, detail = _code(proxied_csi, _image(pushed, proxy.host), CREDS)
+    assert (code, message in detail) == (expected, True), detail
+    sent = {s.headers.get("Authorization", "") for s in proxy.seen(r"^GET /v2/")} - {""}
+    assert sent == ({"Bearer ok"} if expected is None else set())  # nothing else ever became a header
+    assert dialled == []
+    if expected is not None:
+        _nothing_left(proxied_csi)

@@ -34,7 +34,9 @@ from csi_wasm.demo.kubelet import VOL_DATA_FILE, InlineVolume, Kubelet, Liveness
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
-from csi_wasm.mounts import LinuxMounter
+from csi_wasm import syscalls
+from csi_wasm.mounts import LinuxMounter, unmount_path
+from csi_wasm.topology import share_directory
 
 from conftest import PRIVATE_AUTH
 
@@ -188,12 +190,13 @@ class Container:
         self.starts += 1
         self.mount_point = self.root / f"run-{self.starts}" / "wasm"
         self.mount_point.mkdir(parents=True)
-        LinuxMounter().bind_read_only(self.volume_dir, self.mount_point)
+        syscalls.mount(bytes(self.volume_dir), bytes(self.mount_point), syscalls.MS_BIND | syscalls.MS_REC)
+        syscalls.mount(None, bytes(self.mount_point), syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
         return self.mount_point
 
     def stop(self) -> None:
         assert self.mount_point is not None
-        LinuxMounter().unmount(self.mount_point)
+        unmount_path(self.mount_point)
         self.mount_point = None
 
 
@@ -232,7 +235,7 @@ def node(
     """One node: the driver as the DaemonSet runs it (its args, the ConfigMap's node config plus the
     private registry's CA), host paths under tmp_path."""
     kubelet_dir = tmp_path / "var-lib-kubelet"
-    (kubelet_dir / "pods").mkdir(parents=True)
+    share_directory(kubelet_dir / "pods")  # a shared mount, as on a node: the driver refuses a private one
     socket = tmp_path / "plugins" / "csi-wasm.dev" / "csi.sock"
     socket.parent.mkdir(parents=True)  # the DaemonSet's plugin-dir hostPath (DirectoryOrCreate)
     config = yaml.safe_load(find(DAEMONSET_DOCS, "ConfigMap")["data"]["config.yaml"])
@@ -259,7 +262,7 @@ def node(
         for mount_point in sorted(
             (m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{tmp_path}/")), reverse=True
         ):
-            LinuxMounter().unmount(pathlib.Path(mount_point))
+            unmount_path(pathlib.Path(mount_point))
 
 
 def registered(node: Node) -> None:
@@ -290,6 +293,11 @@ def module_file(target: pathlib.Path, name: str = "plugin.wasm") -> pathlib.Path
     return target / name
 
 
+def stored_module(node: Node, module: bytes) -> pathlib.Path:
+    """The node store's copy of ``module`` (its file under the DaemonSet's state dir)."""
+    return node.root / "var-lib-csi-wasm" / "store" / "modules" / "sha256" / sha256_digest(module).removeprefix("sha256:")
+
+
 # -- tests ----------------------------------------------------------------------------------------
 
 
@@ -317,13 +325,16 @@ def test_pod_lifecycle_create_container_restart_delete(
         assert entry is not None and {"ro", "nosuid", "nodev", "noexec"} <= entry.options
     assert module_file(filter_target).read_bytes() == PUBLIC_MODULE
     assert module_file(authz_target, "authz.wasm").read_bytes() == PRIVATE_MODULE
+    # the log line is written before the answer, but read from the pipe by a thread: wait for it
+    wait_until(lambda: len(node.driver.events("publish")) == 2, what="both publish log lines")
     publish = {e["volume_id"]: e for e in node.driver.events("publish")}
     assert publish[authz_volume.volume_id]["pod"] == "shop/gateway-0"
 
-    # the containers start: the runtime binds each volume's host path into the container
+    # the containers start: the runtime binds each volume's host path into the container, and the
+    # container reads the node store's one copy of the module (its inode), not a copy of its own
     proxy = Container(node.root / "containers" / pod_uid / "proxy", filter_target)
     inode = module_file(proxy.start()).stat().st_ino
-    assert inode == module_file(filter_target).stat().st_ino
+    assert inode == stored_module(node, PUBLIC_MODULE).stat().st_ino
 
     # container restart: kubelet calls no CSI method; the new container sees the same file
     calls_before = len(node.driver.events("publish")) + len(node.driver.events("unpublish"))
@@ -358,7 +369,7 @@ def test_pod_lifecycle_create_container_restart_delete(
     assert not filter_target.parent.exists() and not authz_target.parent.exists()
     node.kubelet.delete_pod(pod_uid)
     assert not (node.kubelet_dir / "pods" / pod_uid).exists()
-    assert not [m for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{node.kubelet_dir}/")]
+    assert not [m for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{node.kubelet_dir}/pods/")]
 
     assert node.driver.terminate() == 0
     assert not node.driver.socket.exists(), "the driver left its socket behind after SIGTERM"
@@ -370,12 +381,12 @@ def test_module_stays_readable_while_the_driver_is_down(node: Node, public_image
     volume = InlineVolume(new_pod_uid(), "web-0", "default", "filter", {"image": public_image})
     target = node.kubelet.mount(volume)
     proxy = Container(node.root / "containers" / volume.pod_uid / "proxy", target)
-    inode = module_file(proxy.start()).stat().st_ino
+    proxy.start()
 
     node.driver.kill()  # OOM kill, node-pressure eviction, a crash: no clean-up at all
     assert not LivenessProbe(node.endpoint).healthy(), "livenessprobe must report a dead driver"
     assert module_file(target).read_bytes() == PUBLIC_MODULE
-    assert module_file(proxy.mount_point).stat().st_ino == inode  # type: ignore[arg-type]
+    assert module_file(proxy.mount_point).stat().st_ino == stored_module(node, PUBLIC_MODULE).stat().st_ino  # type: ignore[arg-type]
     proxy.stop()
     assert module_file(proxy.start()).read_bytes() == PUBLIC_MODULE  # a container restart meanwhile
 

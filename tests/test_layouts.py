@@ -13,7 +13,7 @@ from csi_wasm.demo.push import Pusher, tar_gzip
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 
-from conftest import RunningDriver, wait_for
+from conftest import RunningDriver
 
 
 def _publish_and_read(csi: RunningDriver, image: str, **attributes: str) -> bytes:
@@ -172,5 +172,6 @@ def test_config_blob_is_never_downloaded(csi: RunningDriver, pusher: Pusher, reg
     manifest = json.loads(pusher.session.get(f"{pusher.base}/layouts/onlylayer/manifests/v1",
                                              headers={"Accept": layouts.OCI_MANIFEST}).content)  # fmt: skip
     assert _publish_and_read(csi, pushed.reference) == module
-    assert wait_for(lambda: registry.blob_gets("layouts/onlylayer", pushed.layer_digest) == 1)
+    registry.sync()
+    assert registry.blob_gets("layouts/onlylayer", pushed.layer_digest) == 1
     assert registry.blob_gets("layouts/onlylayer", manifest["config"]["digest"]) == 0

@@ -21,7 +21,8 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
-from csi_wasm.mounts import MS_BIND, LinuxMounter
+from csi_wasm import syscalls
+from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
 
 from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
 
@@ -227,20 +228,21 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
     for volume in (kept, lost, orphan, half):
         running.kubelet.mount(volume)
     stop_driver_keeping_mounts(running)
-    mounter = LinuxMounter()
-    mounter.unmount(running.kubelet.target_path(lost))  # its mount vanished while the driver was down
+    unmount_path(running.kubelet.target_path(lost))  # its mount vanished while the driver was down
     os.rmdir(running.kubelet.target_path(lost))
     records_dir = running.config.state_dir / "volumes"
     from csi_wasm.records import record_key
 
     (records_dir / f"{record_key(str(running.kubelet.target_path(orphan)))}.json").unlink()  # mount without record
     (records_dir / "garbage.json").write_text("{not json")
-    # killed between the bind and the read-only remount, before the record: a writable bind of a shared module
+    # what a driver before issue 12 left when killed between its bind and its read-only remount: a
+    # writable bind of a shared module, no record. Recovery must neither keep it writable nor take the
+    # module away from the pod: it covers it with a read-only bind.
     half_target = running.kubelet.target_path(half)
-    mounter.unmount(half_target)
+    unmount_path(half_target)
     (records_dir / f"{record_key(str(half_target))}.json").unlink()
     view = running.driver.store.view(modules[3].module_digest, "plugin.wasm")
-    mounter._mount(bytes(view), bytes(half_target), MS_BIND, "bind")  # no read-only remount
+    syscalls.mount(bytes(view), bytes(half_target), syscalls.MS_BIND)  # no read-only remount
     (running.config.state_dir / "store" / "tmp" / "interrupted.partial").write_bytes(b"\0asm")
 
     restarted = start_driver(tmp_path, node_config)
@@ -248,13 +250,16 @@ def test_restart_repairs_records_mounts_and_temp_files(tmp_path: pathlib.Path, n
         assert restarted.driver.store.sweep_temp_files() == 0  # already swept at start
         samples = {s.labels["kind"]: s.value for m in restarted.driver.metrics.registry.collect()
                    if m.name == "csi_wasm_start_repairs" for s in m.samples if s.name.endswith("_total")}  # fmt: skip
-        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 1,
+        assert samples == {"temp_file": 1, "unreadable_record": 1, "record_without_mount": 1, "adopted_mount": 2,
                            "writable_mount": 1}  # fmt: skip
-        assert str(half_target) not in restarted.mounts_under_kubelet() and not half_target.exists()
+        on_top = LinuxMounter().mount_at(half_target)
+        assert on_top is not None and REQUIRED_OPTIONS <= on_top.options  # covered, still published
+        assert restarted.mounts_under_kubelet().count(str(half_target)) == 2
+        assert (half_target / "plugin.wasm").read_bytes() == make_module(5003, "lifecycle-3")
         targets = {r.target_path for r in restarted.driver.records.all()}
-        assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan)}
-        for volume in (kept, orphan, lost):
-            restarted.kubelet.unmount(volume)
+        assert targets == {str(restarted.kubelet.target_path(v)) for v in (kept, orphan, half)}
+        for volume in (kept, orphan, lost, half):
+            restarted.kubelet.unmount(volume)  # half: both the writable bind and its cover go
         assert restarted.mounts_under_kubelet() == [] and restarted.driver.records.all() == []
     finally:
         stop_driver(restarted)
@@ -379,3 +384,119 @@ def test_store_gc_on_a_live_node_asks_the_running_driver(tmp_path: pathlib.Path,
     finally:
         kubelet.close()
         assert driver.terminate() == 0
+
+
+# -- the store's index: manifest and tag entries follow their modules -------------------------------
+
+
+def test_gc_collects_manifest_and_tag_entries_whose_modules_are_gone(
+    csi: RunningDriver, pusher: Pusher, node_config: NodeConfig
+) -> None:
+    from csi_wasm.metrics import Metrics
+    from csi_wasm.pull import ModuleRequest, Puller, PullPolicy
+    from csi_wasm.reference import parse_reference
+    from csi_wasm.registry import RegistryClient
+
+    images = [pusher.wasm_artifact("lifecycle/index", f"t{n}", make_module(3000 + n, f"index-{n}")) for n in range(12)]
+    kept = csi.volume(images[0].reference)
+    csi.kubelet.mount(kept)
+    for pushed in images[1:]:
+        for image in (pushed.reference, pushed.pinned):
+            volume = csi.volume(image)
+            csi.kubelet.mount(volume)
+            csi.kubelet.unmount(volume)
+    store = csi.driver.store
+    assert len(list(store.manifests_dir.iterdir())) == len(list(store.tags_dir.iterdir())) == 12
+    report = _collector(csi, time.time() + DAY, gc_grace_seconds=0).collect()
+    assert len(report.removed) == 11
+    assert (report.manifest_entries_removed, report.tag_entries_removed) == (11, 11)
+    assert [p.name for p in store.manifests_dir.iterdir()] == [f"{images[0].manifest_digest[7:]}.json"]
+    assert [store.tag(images[0].reference)] == [_tag_record(p) for p in store.tags_dir.iterdir()]
+    # what is left still serves pullPolicy Never in a fresh process (no in-memory tag or manifest)
+    fresh = Puller(type(store)(store.root), RegistryClient(node_config), node_config.pull, Metrics(process=False))
+    try:
+        module = fresh.ensure(ModuleRequest(parse_reference(images[0].reference), PullPolicy.NEVER))
+        assert module.digest == images[0].module_digest
+    finally:
+        fresh.close()
+    csi.kubelet.unmount(kept)
+
+
+def _tag_record(path: pathlib.Path) -> tuple[str, float] | None:
+    from csi_wasm.store import _tag_record as read
+
+    return read(path)
+
+
+def test_a_tag_entry_is_written_only_once_its_module_is_stored(
+    tmp_path: pathlib.Path, proxy: object, pusher: Pusher, node_config: NodeConfig
+) -> None:
+    """A collection while the download runs finds no tag entry to judge; the entry appears with the
+    manifest entry, so pullPolicy Never still finds the module after a restart. (When the tag entry was
+    written before the download, the collector removed it as an orphan and the pull never wrote it again.)"""
+    import faultproxy as fp
+
+    from csi_wasm.metrics import Metrics
+    from csi_wasm.pull import ModuleRequest, Puller, PullPolicy
+    from csi_wasm.reference import parse_reference
+    from csi_wasm.registry import RegistryClient
+
+    assert isinstance(proxy, fp.FaultProxy)
+    pushed = pusher.wasm_artifact("lifecycle/slowtag", "v1", make_module(4000, "slowtag"))
+    proxy.add(rf"/blobs/{pushed.layer_digest}", fp.drip(600.0, pieces=600))  # until released
+    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
+    image = f"{proxy.host}/lifecycle/slowtag:v1"
+    try:
+        volume = running.volume(image)
+        publish = threading.Thread(target=lambda: running.kubelet.mount(volume, timeout=60))
+        publish.start()
+        assert wait_for(lambda: proxy.count(rf"/blobs/{pushed.layer_digest}") == 1, 30)  # resolved, downloading
+        report = _collector(running, time.time() + DAY, gc_grace_seconds=0).collect()
+        assert report.tag_entries_removed == 0
+        proxy.clear()
+        publish.join(60)
+        store = running.driver.store
+        assert store.tag(image) is not None and store.tag(image)[0] == pushed.manifest_digest  # type: ignore[index]
+        node = NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host])
+        fresh = Puller(type(store)(store.root), RegistryClient(node), node.pull, Metrics(process=False))
+        try:
+            assert fresh.ensure(ModuleRequest(parse_reference(image), PullPolicy.NEVER)).digest == pushed.module_digest
+        finally:
+            fresh.close()
+        running.kubelet.unmount(volume)
+    finally:
+        proxy.clear()
+        stop_driver(running)
+
+
+def test_a_collection_never_removes_a_manifest_entry_a_pull_has_just_written(tmp_path: pathlib.Path) -> None:
+    """The collector has found the entry's module missing; the pull lands the module and records the entry;
+    only then does the collector act. Both take the store's index lock, so the entry survives."""
+    from csi_wasm.store import ManifestEntry, ModuleStore
+
+    store = ModuleStore(tmp_path / "store")
+    entry = ManifestEntry("sha256:" + "a" * 64, "sha256:" + "b" * 64, 8, "cncf-wasm-artifact", False)
+    store.remember_manifest(entry)  # an entry left by an earlier pull, its module since collected
+    looked, carry_on = threading.Event(), threading.Event()
+    has = store.has
+
+    def pausing_has(digest: str) -> bool:
+        found = has(digest)
+        if threading.current_thread().name == "collector":
+            looked.set()
+            carry_on.wait(10)
+        return found
+
+    store.has = pausing_has  # type: ignore[method-assign]
+    collector = threading.Thread(target=store.forget_orphan_manifests, name="collector")
+    collector.start()
+    assert looked.wait(10)
+    store.module_path(entry.module_digest).write_bytes(b"\0asm\x01\0\0\0")  # the pull lands the module...
+    writer = threading.Thread(target=store.remember_manifest_once, args=(entry,))
+    writer.start()  # ...and records its manifest (it waits for the collector's lock)
+    writer.join(1.0)
+    carry_on.set()
+    collector.join(10)
+    writer.join(10)
+    assert store.manifest(entry.manifest_digest) == entry
+    assert ModuleStore(store.root).manifest(entry.manifest_digest) == entry  # on disk too

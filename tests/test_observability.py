@@ -23,6 +23,8 @@ from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.http import MetricsServer
 from csi_wasm.server import Driver
+from csi_wasm.mounts import unmount_path
+from csi_wasm.topology import share_directory
 
 from conftest import DRIVER_NAME, PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
 
@@ -181,7 +183,7 @@ def test_json_logs_carry_the_event_fields_and_never_secrets(
 def test_readiness_is_a_gauge_that_turns_on_once_state_is_recovered(tmp_path: pathlib.Path) -> None:
     config = DriverConfig(DRIVER_NAME, "test-node", f"unix://{tmp_path}/csi.sock", tmp_path / "state",
                           tmp_path / "kubelet", NodeConfig())  # fmt: skip
-    (config.kubelet_dir / "pods").mkdir(parents=True)
+    share_directory(config.kubelet_dir / "pods")
     driver = Driver(config)
     server = MetricsServer("127.0.0.1", 0, driver.metrics.registry, driver.is_ready).start()
     try:
@@ -192,6 +194,7 @@ def test_readiness_is_a_gauge_that_turns_on_once_state_is_recovered(tmp_path: pa
     finally:
         server.stop()
         driver.close()
+        unmount_path(config.kubelet_dir / "pods")
 
 
 def test_store_space_gauges_show_the_floor_the_driver_enforces(

@@ -16,7 +16,8 @@ checking every mounted module's bytes. At the end every volume is unpublished an
 the node must hold no mount, no record and no partial download. A failed publish
 counts as expected only if its image is on the flaky registry.
 
-Crash loop: for each phase of a publish (resolve, download, rename, mount, record
+Crash loop: for each phase of a publish (resolve, download, rename, stage: the
+read-only mount made but not attached, mount: attached but not recorded, record
 write) the driver is started with a hook that SIGKILLs it at that point, a volume
 is published, the driver is restarted without the hook, and then: every stored
 module hashes to its name, no partial download is left, views are hard links to
@@ -58,10 +59,11 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid  # noqa: E4
 from csi_wasm.demo.push import Pusher  # noqa: E402
 from csi_wasm.demo.registry import LocalRegistry  # noqa: E402
 from csi_wasm.demo.wasm_modules import make_module  # noqa: E402
-from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, enter_private_mount_namespace  # noqa: E402
+from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, enter_private_mount_namespace, unmount_path  # noqa: E402
+from csi_wasm.topology import share_directory  # noqa: E402
 
 DRIVER_NAME = "csi-wasm.dev"
-PHASES = ("resolve", "download", "rename", "mount", "record")
+PHASES = ("resolve", "download", "rename", "stage", "mount", "record")
 
 
 # -- the driver as a subprocess -------------------------------------------------------
@@ -87,7 +89,7 @@ class DriverProc:
         return self.workdir / "state"
 
     def start(self) -> DriverProc:
-        (self.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
+        share_directory(self.kubelet_dir / "pods")  # as on a node: the driver refuses a private pods dir
         pathlib.Path(self.socket).parent.mkdir(exist_ok=True)
         serve = ["--log-level", "warning", "serve", "--endpoint", f"unix://{self.socket}", "--node-id", "soak-node", "--driver-name",
                  DRIVER_NAME, "--state-dir", str(self.state_dir), "--kubelet-dir", str(self.kubelet_dir),
@@ -155,7 +157,7 @@ def write_node_config(path: pathlib.Path, insecure: list[str], **pull: Any) -> p
 
 def crash_driver(phase: str, serve_args: list[str]) -> int:
     """Run ``csi-wasm serve`` with a hook that SIGKILLs the process at ``phase`` of the first publish."""
-    from csi_wasm import cli, mounts, registry, store
+    from csi_wasm import cli, mounts, registry, store, syscalls
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -188,15 +190,27 @@ def crash_driver(phase: str, serve_args: list[str]) -> int:
             replace(src, dst, **kwargs)
 
         os.replace = replace_and_die  # type: ignore[assignment]
-    elif phase == "mount":  # bound, but not yet remounted read-only
-        mount = mounts.LinuxMounter._mount
+    elif phase == "stage":  # the read-only copy of the view made (detached, or at the staging point), not attached
+        mount = syscalls.mount
 
-        def mount_then_die(self: Any, source: Any, target: Any, flags: int, what: str) -> None:
-            mount(self, source, target, flags, what)
-            if flags & mounts.MS_BIND and not flags & mounts.MS_REMOUNT:
+        def die_before_attaching(*args: Any, **kwargs: Any) -> None:
+            die()
+
+        def mount_unless_moving(source: Any, target: Any, flags: int) -> None:
+            if flags & syscalls.MS_MOVE:
                 die()
+            mount(source, target, flags)
 
-        mounts.LinuxMounter._mount = mount_then_die  # type: ignore[method-assign]
+        syscalls.move_mount = die_before_attaching  # type: ignore[assignment]
+        syscalls.mount = mount_unless_moving  # type: ignore[assignment]
+    elif phase == "mount":  # attached read-only at the target, not yet recorded
+        bind = mounts.LinuxMounter.bind_read_only
+
+        def bind_then_die(self: Any, source: Any, target: Any) -> None:
+            bind(self, source, target)
+            die()
+
+        mounts.LinuxMounter.bind_read_only = bind_then_die  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown phase {phase}")
     return cli.main(serve_args)
@@ -302,11 +316,12 @@ def crash_loop(
                 kubelet.unmount(volume)
             except (grpc.RpcError, AssertionError) as exc:
                 result.retry_failures.append(f"#{number}: {exc}")
-            leftover = [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{driver.kubelet_dir}/")]
+            pods = f"{driver.kubelet_dir}/pods/"
+            leftover = [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(pods)]
             if leftover:
                 result.violations.append(f"#{number}: mounts left after unpublish: {leftover}")
                 for point in leftover:
-                    LinuxMounter().unmount(pathlib.Path(point))
+                    unmount_path(pathlib.Path(point))
             kubelet.close()
             driver.stop()
         results.append(result)
@@ -422,7 +437,7 @@ def soak(base: pathlib.Path, minutes: float, clients: int, fault_rate: float) ->
     stop.set()
     samples.append((time.monotonic() - started, driver.rss_kib(), driver.fds()))
     leftover_mounts = [m.mount_point for m in LinuxMounter().mounts()
-                       if m.mount_point.startswith(f"{driver.kubelet_dir}/")]  # fmt: skip
+                       if m.mount_point.startswith(f"{driver.kubelet_dir}/pods/")]  # fmt: skip
     records = list((driver.state_dir / "volumes").glob("*.json"))
     partials = list((driver.state_dir / "store" / "tmp").iterdir())
     store_problems = verify_store(driver.state_dir)
@@ -554,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             for point in sorted((m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{base}/")),
                                 reverse=True):  # fmt: skip
-                LinuxMounter().unmount(pathlib.Path(point))
+                unmount_path(pathlib.Path(point))
             shutil.rmtree(base, ignore_errors=True)
     print("RESULT:", "PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1

@@ -7,7 +7,10 @@ import re
 import shutil
 import subprocess
 import threading
+import uuid
 from dataclasses import dataclass
+
+import requests
 
 import yaml
 
@@ -45,6 +48,7 @@ class LocalRegistry:
         self._process: subprocess.Popen[str] | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
+        self._logged = threading.Condition(self._lock)
 
     @property
     def host(self) -> str:
@@ -87,6 +91,7 @@ class LocalRegistry:
         for line in self._process.stderr:
             with self._lock:
                 self.log_lines.append(line)
+                self._logged.notify_all()
             match = _LISTENING.search(line)
             if match and self._port is None:
                 self._port = int(match.group(1))
@@ -102,6 +107,21 @@ class LocalRegistry:
         path = self.workdir / "htpasswd"
         path.write_text(line + "\n")
         return path
+
+    def sync(self, timeout: float = 30.0) -> None:
+        """Wait until the requests the registry answered before now are in ``log_lines``.
+
+        The log is read by a thread, so a count taken right after a response can miss its line. A request
+        of our own, made now, is logged after those: once its line is here, so are theirs.
+        """
+        marker = f"csi-wasm-sync-{uuid.uuid4().hex}"
+        with self._lock:
+            start = len(self.log_lines)
+        verify: bool | str = str(self.tls[0]) if self.tls else True
+        requests.get(f"{self.scheme}://{self.host}/v2/{marker}/manifests/sync", verify=verify, timeout=timeout)
+        with self._logged:
+            if not self._logged.wait_for(lambda: any(marker in line for line in self.log_lines[start:]), timeout):
+                raise RuntimeError(f"{BINARY} did not log the sync request within {timeout}s")
 
     def requests_matching(self, pattern: str) -> int:
         """How many requests the registry logged whose line matches ``pattern`` (e.g. a blob GET)."""

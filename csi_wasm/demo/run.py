@@ -3,11 +3,13 @@
 Starts a local registry, pushes a demo module, starts the driver on a unix
 socket, publishes the module for three pods exactly as kubelet would, shows the
 three mounts share one inode and are read-only, then cleans everything up. It
-runs in a private mount namespace, so no mount reaches the host.
+runs in a private mount namespace, so no mount reaches the host; there, kubelet's
+pods dir is made a shared mount, as it is on a node (the driver checks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
@@ -19,8 +21,9 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
-from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace
+from csi_wasm.mounts import LinuxMounter, enter_private_mount_namespace, unmount_path
 from csi_wasm.server import BackgroundServer, Driver
+from csi_wasm.topology import share_directory
 
 DEMO_DRIVER = "csi-wasm.dev"
 PODS = 3
@@ -35,6 +38,7 @@ def run_demo(module_size: int = 256 * 1024, keep: bool = False) -> int:
         print(f"1. registry: docker-registry listening on {registry.host}")
         pushed = Pusher(registry.host).wasm_artifact("demo/filters/hello", "v1", make_module(module_size, "hello"))
         print(f"2. pushed {pushed.reference} ({module_size} bytes, manifest {pushed.manifest_digest[:19]}...)")
+        share_directory(workdir / "kubelet" / "pods")
         config = DriverConfig(
             driver_name=DEMO_DRIVER,
             node_id="demo-node",
@@ -50,6 +54,8 @@ def run_demo(module_size: int = 256 * 1024, keep: bool = False) -> int:
     finally:
         if server is not None:
             server.stop()
+        with contextlib.suppress(OSError):
+            unmount_path(workdir / "kubelet" / "pods")
         registry.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -80,7 +86,7 @@ def _publish_three_pods(kubelet: Kubelet, image: str, driver: Driver) -> int:
     for volume in volumes:
         kubelet.unmount(volume)
         kubelet.delete_pod(volume.pod_uid)
-    leftover = [m for m in mounter.mounts() if m.mount_point.startswith(str(kubelet.kubelet_dir))]
+    leftover = [m for m in mounter.mounts() if m.mount_point.startswith(f"{kubelet.kubelet_dir}/pods/")]
     print(f"6. unpublished all pods; mounts left under the kubelet dir: {len(leftover)}")
     failures += bool(leftover)
     kubelet.close()
