@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -28,6 +29,7 @@ from csi_wasm.registry.retry import Retrier
 from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transport
 
 T = TypeVar("T")
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # A manifest, token or small blob exchange (headers and body) may take this many read timeouts.
 WHOLE_BODY_READ_TIMEOUTS = 2
 
@@ -96,6 +98,24 @@ class RegistryClient:
 
         return self._across_endpoints(ref, attempt, deadline)
 
+    def head_manifest(self, ref: Reference, creds: Credentials | None, deadline: float | None = None) -> str | None:
+        """The digest ``ref``'s tag points at now, from a HEAD: its ``Docker-Content-Digest`` header.
+
+        A HEAD is not counted as a pull by Docker Hub, where every GET of a manifest is; None
+        when the registry sends no well-formed sha256 digest (the caller then GETs the manifest).
+        """
+        accept = ", ".join(ACCEPTED_MANIFEST_TYPES)
+
+        def attempt(endpoint: Endpoint) -> str | None:
+            url = self._url(endpoint, ref, "manifests", ref.manifest_key)
+            with self._transport.exchange(self._whole_body_deadline(deadline)) as exchange:
+                response, _ = self._request(exchange, endpoint, ref, url, creds, {"Accept": accept}, method="HEAD")
+                with contextlib.closing(response):
+                    digest = response.headers.get("Docker-Content-Digest", "").strip()
+            return digest if _SHA256_DIGEST.fullmatch(digest) else None
+
+        return self._across_endpoints(ref, attempt, deadline)
+
     def fetch_blob_bytes(
         self, ref: Reference, digest: str, creds: Credentials | None, limit: int, deadline: float | None = None
     ) -> bytes:
@@ -158,10 +178,10 @@ class RegistryClient:
         endpoints = self._endpoints(ref)
         for endpoint in endpoints[:-1]:
             try:
-                return self._retrier.run(lambda: attempt(endpoint), deadline)
+                return self._retrier.run(lambda: attempt(endpoint), deadline, endpoint.host)
             except (RegistryError, ModuleNotFound):
                 continue
-        return self._retrier.run(lambda: attempt(endpoints[-1]), deadline)
+        return self._retrier.run(lambda: attempt(endpoints[-1]), deadline, endpoints[-1].host)
 
     # -- one request, with auth ------------------------------------------
 
@@ -173,10 +193,11 @@ class RegistryClient:
         url: str,
         creds: Credentials | None,
         headers: dict[str, str],
+        method: str = "GET",
     ) -> tuple[requests.Response, bool]:
         scope = f"repository:{ref.repository}:pull"
         auth = self._auth.cached(endpoint, scope, creds)
-        response, moved = exchange.send(endpoint, ref, url, headers, auth)
+        response, moved = exchange.send(endpoint, ref, url, headers, auth, method)
         used_credentials = False
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
@@ -188,7 +209,7 @@ class RegistryClient:
                 )
             auth = self._auth.authenticate(exchange, endpoint, ref, challenge, scope, creds)
             used_credentials = creds is not None
-            response, _ = exchange.send(endpoint, ref, url, headers, auth)
+            response, _ = exchange.send(endpoint, ref, url, headers, auth, method)
         elif auth is not None:
             used_credentials = creds is not None
         exchange.check_status(response, ref, endpoint, creds)
