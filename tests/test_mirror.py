@@ -26,8 +26,9 @@ from csi_wasm.demo.kubelet import InlineVolume, new_pod_uid
 from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
-from conftest import wait_for
-from faultproxy import FaultProxy
+from conftest import start_driver, stop_driver, wait_for
+from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig
+from faultproxy import FaultProxy, stall_headers
 
 NODES = 6
 PODS_PER_NODE = 4
@@ -204,3 +205,29 @@ def test_each_node_keeps_its_own_state(fleet: Fleet) -> None:
     assert len({p for triple in paths for p in triple}) == 3 * len(fleet.nodes)
     assert all(pathlib.Path(n.socket_path).is_socket() for n in fleet.nodes)
     assert len({n.process.pid for n in fleet.nodes if n.process}) == len(fleet.nodes)
+
+
+def test_a_mirror_that_gives_no_answer_is_skipped_for_a_while(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    """A mirror that accepts connections and never answers costs the node one read timeout, once: the rest
+    of that pull and the next modules go straight to the upstream (for MIRROR_SKIP_SECONDS)."""
+    with FaultProxy(registry.host) as hung:  # stands for the mirror
+        hung.add(r"", stall_headers(60))
+        node = NodeConfig(
+            registries={registry.host: RegistryHostConfig(insecure=True, mirrors=(hung.host,)),
+                        hung.host: RegistryHostConfig(insecure=True)},
+            pull=PullConfig(connect_timeout_seconds=2.0, read_timeout_seconds=2.0, attempts=2),
+        )  # fmt: skip
+        running = start_driver(tmp_path, node)
+        try:
+            first, first_module = _push(pusher, "hung-mirror-a")
+            second, second_module = _push(pusher, "hung-mirror-b")
+            for pushed, module in ((first, first_module), (second, second_module)):
+                volume = running.volume(pushed.reference)
+                assert (running.kubelet.mount(volume, timeout=60) / "plugin.wasm").read_bytes() == module
+                running.kubelet.unmount(volume)
+            assert [seen.line.split(" ")[0] for seen in hung.seen()] == ["GET"]  # the first manifest request only
+            assert "manifests" in hung.seen()[0].path
+        finally:
+            stop_driver(running)

@@ -25,6 +25,7 @@ from csi_wasm.layouts import ACCEPTED_MANIFEST_TYPES
 from csi_wasm.reference import Reference
 from csi_wasm.registry.auth import Authenticator
 from csi_wasm.registry.bodies import parse_json
+from csi_wasm.registry.mirrors import MirrorHealth, gave_no_answer
 from csi_wasm.registry.retry import Retrier
 from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transport
 
@@ -55,6 +56,7 @@ class RegistryClient:
         self._transport = Transport(node, clock)
         self._auth = Authenticator(self._transport.allowed_networks, clock)
         self._retrier = Retrier(self._pull.attempts, clock, sleep)
+        self._mirrors = MirrorHealth(clock)
 
     @property
     def node(self) -> NodeConfig:
@@ -177,9 +179,15 @@ class RegistryClient:
         """Try each mirror in order, then the upstream; a mirror's failure falls through."""
         endpoints = self._endpoints(ref)
         for endpoint in endpoints[:-1]:
+            if self._mirrors.skipped(endpoint.host):
+                continue  # it gave no answer moments ago (csi_wasm.registry.mirrors)
             try:
                 return self._retrier.run(lambda: attempt(endpoint), deadline, endpoint.host)
-            except (RegistryError, ModuleNotFound):
+            except ModuleNotFound:
+                continue
+            except RegistryError as exc:
+                if gave_no_answer(exc):
+                    self._mirrors.down(endpoint.host)
                 continue
         return self._retrier.run(lambda: attempt(endpoints[-1]), deadline, endpoints[-1].host)
 

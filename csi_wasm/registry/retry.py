@@ -44,6 +44,10 @@ class Transient(RegistryError):
         self.retry_after = retry_after
 
 
+class Unreachable(Transient):
+    """The host gave no answer at all: connection refused, reset or unroutable (a timeout is RegistryTimeout)."""
+
+
 def backoff(number: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
     """Seconds to wait before attempt ``number + 1``: Retry-After (capped) plus a spread, else jittered
     exponential. Never less than Retry-After (up to its cap)."""

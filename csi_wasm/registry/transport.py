@@ -30,7 +30,7 @@ from csi_wasm.credentials import Credentials
 from csi_wasm.errors import AccessDenied, DriverError, ModuleNotFound, RegistryError, RegistryTimeout, TooLarge
 from csi_wasm.reference import Reference
 from csi_wasm.registry.bodies import BUFFER_FACTOR, ERROR_BODY_BYTES, MemoryBudget, error_codes
-from csi_wasm.registry.retry import Transient, parse_retry_after
+from csi_wasm.registry.retry import Transient, Unreachable, parse_retry_after
 from csi_wasm.registry.sessions import SessionPool
 from csi_wasm.registry.ssrf import hostname_of, refuse_forbidden_host, refuse_local_registry
 from csi_wasm.registry.watchdog import Watch, Watchdog, WatchSlot
@@ -217,7 +217,7 @@ class Exchange:
             if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout)):
                 raise RegistryTimeout(f"{what} timed out") from exc
             if isinstance(exc, requests.exceptions.ConnectionError):
-                raise Transient(f"{what} cannot be reached: {short(exc)}") from exc
+                raise Unreachable(f"{what} cannot be reached: {short(exc)}") from exc
             raise RegistryError(f"{what}: request failed: {short(exc)}") from exc
         if self.watch.expired:  # cut off mid-headers, what arrived can still parse as a short answer
             response.close()
