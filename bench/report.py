@@ -68,6 +68,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
             "oras_mib_per_s": cold["bytes"] / 2**20 / median(s["oras"]),
             "rss_growth_kib_max": max(s["rss_growth_kib"]),
             "driver_blob_gets": cold["driver_blob_gets"],
+            "steps": {name: summary_ms(values) for name, values in cold.get("steps", {}).items() if values},
         }
     bursts = results["burst"]
     warm_wall_ms = _ms(bursts["warm"]["wall_s"])
@@ -224,6 +225,14 @@ def figure_rows(f: dict[str, Any]) -> list[list[str]]:
             row(f"  fsync of those {mib} MiB (all dirty)", c["fsync"],
                 f"curl + sha256 + fsync = {c['serial_floor_over_curl']:.2f}x curl"),
         ]  # fmt: skip
+        steps = c.get("steps", {})
+        if "pull" in steps:
+            rows += [
+                row(f"  in the driver: the pull of {mib} MiB", steps["pull"], "download worker, from request to stored"),
+                row("    registry answer (connect, headers)", steps["headers"]),
+                row("    socket reads", steps["read"], "hash and file writes run beside them"),
+                row("    commit (last of the hash, fsync, rename)", steps["commit"]),
+            ]  # fmt: skip
     s = f["scale"]
     b = f["burst"]
     rows.append(row(f"burst, module in store: each of {calls_of(f)} publishes", b["warm"],

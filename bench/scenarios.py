@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -199,8 +200,10 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
         }  # fmt: skip
         driver_gets: list[int] = []
         volumes: list[InlineVolume] = []
+        digests: list[str] = []
         for rep in range(reps):
             pushed = bench.push(f"bench/cold-{mib}m", f"r{rep}", size)
+            digests.append(pushed.layer_digest)
             repo = repo_of(pushed)
             volume = client.volume(pushed.reference)
             volumes.append(volume)
@@ -230,8 +233,29 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
         for volume in volumes:
             client.unpublish(volume)
         shutil.rmtree(downloads, ignore_errors=True)
-        results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets}
+        results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets,
+                             "steps": pull_steps(driver.log_path, digests)}  # fmt: skip
     return results
+
+
+_PULL_DONE = re.compile(
+    r"pull\.done .*digest=(sha256:[0-9a-f]{64}) .*seconds=([\d.]+) headers_s=([\d.]+) read_s=([\d.]+) commit_s=([\d.]+)"
+)
+
+
+def pull_steps(log_path: pathlib.Path, digests: list[str]) -> dict[str, list[float]]:
+    """The driver's own breakdown of each cold pull (its ``pull.done`` log line), in seconds."""
+    found: dict[str, tuple[float, ...]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = _PULL_DONE.search(line)
+        if match:
+            found[match.group(1)] = tuple(float(g) for g in match.groups()[1:])
+    steps: dict[str, list[float]] = {"pull": [], "headers": [], "read": [], "commit": []}
+    for digest in digests:
+        if digest in found:
+            for name, value in zip(steps, found[digest]):
+                steps[name].append(value)
+    return steps
 
 
 # -- burst ------------------------------------------------------------------------

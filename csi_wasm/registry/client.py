@@ -31,6 +31,8 @@ from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transpor
 
 T = TypeVar("T")
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A blob is read up to this much per socket read: fewer, larger chunks through the hash and the file.
+BLOB_CHUNK_BYTES = 1024 * 1024
 # A manifest, token or small blob exchange (headers and body) may take this many read timeouts.
 WHOLE_BODY_READ_TIMEOUTS = 2
 
@@ -157,7 +159,7 @@ class RegistryClient:
 
         held, exchange, response = self._across_endpoints(ref, attempt, deadline)
         with held:
-            yield exchange.stream(response, f"image {ref}", expected_size)
+            yield exchange.stream(response, f"image {ref}", expected_size, BLOB_CHUNK_BYTES)
 
     # -- endpoints, retries ----------------------------------------------
 
