@@ -46,11 +46,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-per-proxy", action="store_true", help="skip the per-proxy design")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/rollout"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (driver logs)")
+    parser.add_argument("--report", nargs="+", type=pathlib.Path, metavar="ROLLOUT_JSON",
+                        help="run nothing: merge the runs of earlier rollout.json files into one table and plot")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return write_report([json.loads(path.read_text()) for path in args.report], args.out)
     if os.geteuid() != 0:
         print("python -m bench.rollout: needs root (real mounts, in a private mount namespace)", file=sys.stderr)
         return 2
@@ -100,10 +104,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rollout.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     table = rollout_table(results)
-    (args.out / "rollout.md").write_text(report.markdown_table(*table) + "\n")
-    from bench import plots
-
-    plots.rollout_plot(results, args.out / "rollout.png")
+    write_report([results], args.out)
     print()
     print(f"csi-wasm rollout ({results['seconds']:.0f}s, {results['machine']['cpus']} CPUs, commit "
           f"{results['machine']['commit']}, load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f})")  # fmt: skip
@@ -111,6 +112,17 @@ def run(args: argparse.Namespace) -> int:
     print(report.text_table(*table))
     print()
     print(f"raw figures: {args.out / 'rollout.json'}; plot: {args.out / 'rollout.png'}")
+    return 0
+
+
+def write_report(runs_of: list[dict[str, Any]], out: pathlib.Path) -> int:
+    """rollout.md and rollout.png of one or more runs' results (the first one's settings name the plot)."""
+    from bench import plots, report
+
+    merged = dict(runs_of[0]) | {"runs": [run for results in runs_of for run in results["runs"]]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rollout.md").write_text(report.markdown_table(*rollout_table(merged)) + "\n")
+    plots.rollout_plot(merged, out / "rollout.png")
     return 0
 
 
