@@ -82,3 +82,51 @@ def disk_plot(results: dict[str, Any], path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rollout_plot(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Upstream bytes and requests against node count per design, and latency at the largest count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    designs = list(dict.fromkeys(run["design"] for run in runs))
+    styles = {"per-proxy": ("tab:red", "o--"), "csi-wasm": ("tab:blue", "s-"), "csi-wasm + mirror": ("tab:green", "^-"),
+              "csi-wasm + mirror, canary first": ("tab:olive", "v-")}
+    fig, (bytes_axis, requests_axis, latency_axis) = plt.subplots(1, 3, figsize=(15, 4.8))
+    for design in designs:
+        series = sorted((run for run in runs if run["design"] == design), key=lambda run: run["nodes"])
+        colour, style = styles.get(design, ("tab:gray", "x-"))
+        nodes = [run["nodes"] for run in series]
+        bytes_axis.plot(nodes, [max(run["upstream"]["bytes"], 1) / MiB for run in series], style, color=colour,
+                        label=design)  # fmt: skip
+        requests_axis.plot(nodes, [max(run["upstream"]["total"], 1) for run in series], style, color=colour,
+                           label=f"{design}: all")  # fmt: skip
+        requests_axis.plot(nodes, [max(run["upstream"]["requests"]["manifest GET"], 1) for run in series], ":",
+                           marker=style[0], color=colour, label=f"{design}: manifest GETs")  # fmt: skip
+        largest = series[-1]
+        if largest["samples_s"]:
+            x, y = _percentile_curve(largest["samples_s"])
+            latency_axis.step(x, y, "-", where="post", color=colour,
+                              label=f"{design}, {largest['nodes']} x {largest['pods_per_node']} pods")  # fmt: skip
+    pods = results["pods_per_node"]
+    for axis, title in ((bytes_axis, "upstream bytes served (MiB)"), (requests_axis, "upstream requests (HEADs and pings included)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel(f"nodes ({pods} pods each switch at once)")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    latency_axis.set_yscale("log")
+    latency_axis.set_xlim(0, 100)
+    latency_axis.set_xlabel("percentile of pods")
+    latency_axis.set_ylabel("ms, log scale")
+    latency_axis.set_title("first publish call to mounted\n(per-proxy: to its copy written)", fontsize=10)
+    latency_axis.grid(True, which="both", alpha=0.3)
+    latency_axis.legend(fontsize=8)
+    fig.suptitle(f"Rollout of a {results['module_bytes'] / MiB:g} MiB module version across simulated nodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -68,6 +68,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
             "oras_mib_per_s": cold["bytes"] / 2**20 / median(s["oras"]),
             "rss_growth_kib_max": max(s["rss_growth_kib"]),
             "driver_blob_gets": cold["driver_blob_gets"],
+            "steps": {name: summary_ms(values) for name, values in cold.get("steps", {}).items() if values},
         }
     bursts = results["burst"]
     warm_wall_ms = _ms(bursts["warm"]["wall_s"])
@@ -132,7 +133,7 @@ def targets(f: dict[str, Any]) -> list[Target]:
     ]  # fmt: skip
     if cold_64:
         r = cold_64["driver_over_curl"]
-        out.append(Target("cold publish 64 MiB / curl", r, "<= 1.3x", "x", r <= 1.3,
+        out.append(Target("cold publish 64 MiB / curl", r, "<= 1.2x", "x", r <= 1.2,
                           f"median of {cold_64['driver']['n']} paired runs; medians {cold_64['driver']['p50']:.0f} vs {cold_64['curl']['p50']:.0f} ms"))  # fmt: skip
     if cold_1:
         d = cold_1["driver_minus_curl_ms"]
@@ -145,10 +146,17 @@ def targets(f: dict[str, Any]) -> list[Target]:
     out.append(Target(f"burst of {calls} ({sizes} MiB): blob downloads", gets, "== 1 each", "count",
                       all(b["blob_gets"] == 1 and b["failures"] == 0 for b in bursts),
                       ", ".join(f"{b['blob_gets']}" for b in bursts) + f"; {sum(b['failures'] for b in bursts)} failed calls"))
-    for mib, b in burst["sizes"].items():
-        out.append(Target(f"burst of {calls} wall / one cold publish, {mib} MiB", b["wall_over_single"], "<= 1.5x", "x",
-                          b["wall_over_single"] <= 1.5,
-                          f"{b['wall_ms']:.0f} vs {b['single_cold_ms']:.0f} ms; {calls} publishes of a stored "
+    manifests = max(b["manifest_gets"] for b in bursts)
+    out.append(Target(f"burst of {calls} ({sizes} MiB): manifest GETs", manifests, "== 1 each", "count",
+                      all(b["manifest_gets"] == 1 for b in bursts),
+                      ", ".join(f"{b['manifest_gets']}" for b in bursts) + " (counted in the registry's log)"))
+    # Only the large module keeps a wall-time target: for small ones the burst's wall time is Python's
+    # per-call CPU for 64 calls, not anything a user waits on; the registry-trip counts above replace it.
+    large = burst["sizes"].get("64")
+    if large:
+        out.append(Target(f"burst of {calls} wall / one cold publish, 64 MiB", large["wall_over_single"], "<= 1.5x",
+                          "x", large["wall_over_single"] <= 1.5,
+                          f"{large['wall_ms']:.0f} vs {large['single_cold_ms']:.0f} ms; {calls} publishes of a stored "
                           f"module at once: {burst['warm_wall_ms']:.0f} ms"))
     worst = max(scale["store_ratios"], key=lambda r: abs(r - 1.0))
     out += [
@@ -217,6 +225,14 @@ def figure_rows(f: dict[str, Any]) -> list[list[str]]:
             row(f"  fsync of those {mib} MiB (all dirty)", c["fsync"],
                 f"curl + sha256 + fsync = {c['serial_floor_over_curl']:.2f}x curl"),
         ]  # fmt: skip
+        steps = c.get("steps", {})
+        if "pull" in steps:
+            rows += [
+                row(f"  in the driver: the pull of {mib} MiB", steps["pull"], "download worker, from request to stored"),
+                row("    registry answer (connect, headers)", steps["headers"]),
+                row("    socket reads", steps["read"], "hash and file writes run beside them"),
+                row("    commit (last of the hash, fsync, rename)", steps["commit"]),
+            ]  # fmt: skip
     s = f["scale"]
     b = f["burst"]
     rows.append(row(f"burst, module in store: each of {calls_of(f)} publishes", b["warm"],

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -199,8 +200,10 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
         }  # fmt: skip
         driver_gets: list[int] = []
         volumes: list[InlineVolume] = []
+        digests: list[str] = []
         for rep in range(reps):
             pushed = bench.push(f"bench/cold-{mib}m", f"r{rep}", size)
+            digests.append(pushed.layer_digest)
             repo = repo_of(pushed)
             volume = client.volume(pushed.reference)
             volumes.append(volume)
@@ -230,8 +233,29 @@ def cold(bench: Bench, driver: DriverProcess, client: Client) -> dict[str, Any]:
         for volume in volumes:
             client.unpublish(volume)
         shutil.rmtree(downloads, ignore_errors=True)
-        results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets}
+        results[str(mib)] = {"bytes": size, "samples": series, "driver_blob_gets": driver_gets,
+                             "steps": pull_steps(driver.log_path, digests)}  # fmt: skip
     return results
+
+
+_PULL_DONE = re.compile(
+    r"pull\.done .*digest=(sha256:[0-9a-f]{64}) .*seconds=([\d.]+) headers_s=([\d.]+) read_s=([\d.]+) commit_s=([\d.]+)"
+)
+
+
+def pull_steps(log_path: pathlib.Path, digests: list[str]) -> dict[str, list[float]]:
+    """The driver's own breakdown of each cold pull (its ``pull.done`` log line), in seconds."""
+    found: dict[str, tuple[float, ...]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = _PULL_DONE.search(line)
+        if match:
+            found[match.group(1)] = tuple(float(g) for g in match.groups()[1:])
+    steps: dict[str, list[float]] = {"pull": [], "headers": [], "read": [], "commit": []}
+    for digest in digests:
+        if digest in found:
+            for name, value in zip(steps, found[digest]):
+                steps[name].append(value)
+    return steps
 
 
 # -- burst ------------------------------------------------------------------------
@@ -273,6 +297,8 @@ def burst_one(bench: Bench, driver: DriverProcess, client: Client, pushed: Pushe
     calls_wanted = bench.plan.burst_calls
     repo = repo_of(pushed)
     gets_before = bench.registry.blob_gets(repo, pushed.layer_digest)
+    manifest_pattern = rf"method=GET .*uri=\"?/v2/{repo}/manifests/"
+    manifests_before = bench.registry.requests_matching(manifest_pattern)
     volumes = [client.volume(pushed.reference) for _ in range(calls_wanted)]
     requests = [client.publish_request(volume) for volume in volumes]
     rss_before = driver.reset_peak()
@@ -287,7 +313,7 @@ def burst_one(bench: Bench, driver: DriverProcess, client: Client, pushed: Pushe
     wall = max(finished) - started
     rss_growth = driver.status_kib("VmHWM") - rss_before
     gets = bench.wait_for_blob_gets(repo, pushed.layer_digest, gets_before + 1) - gets_before
-    manifest_gets = bench.registry.requests_matching(rf"method=GET .*uri=\"?/v2/{repo}/manifests/")
+    manifest_gets = bench.registry.requests_matching(manifest_pattern) - manifests_before
     inodes = {os.stat(client.kubelet.target_path(v) / "plugin.wasm").st_ino for v in volumes} if not failures else set()
     for volume in volumes:
         client.unpublish(volume)

@@ -17,6 +17,7 @@ always before any byte is mounted.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import hashlib
@@ -51,6 +52,7 @@ from csi_wasm.metrics import Metrics
 from csi_wasm.pins import Pins
 from csi_wasm.reference import Reference
 from csi_wasm.registry import FetchedManifest, RegistryClient
+from csi_wasm.resolutions import ResolutionKey, Resolutions
 from csi_wasm.signatures import SignatureVerifier
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
 from csi_wasm.tarstream import TarStream
@@ -121,7 +123,9 @@ class Puller:
         self._tags: dict[str, _TagEntry] = {}
         self._access = AccessRule(AccessRecords(store.access_dir), ProofCache(auth_cache_seconds, clock))
         self._flights: dict[str, concurrent.futures.Future[StoredModule]] = {}
-        self._resolving: dict[tuple[str, str], concurrent.futures.Future[FetchedManifest]] = {}
+        # manifest GETs and tag HEADs shared by the publishes of a burst, per credential (csi_wasm.resolutions)
+        self._manifests: Resolutions[FetchedManifest] = Resolutions(config.tag_cache_seconds, clock)
+        self._heads: Resolutions[str | None] = Resolutions(config.tag_cache_seconds, clock)
         self._landed: dict[str, float] = {}
         self._lock = threading.Lock()
         # the allow-list and signature requirements live in the node config the client carries
@@ -194,10 +198,18 @@ class Puller:
             manifest_digest = self._cached_tag(ref, fresh_only=request.policy is PullPolicy.IF_NOT_PRESENT)
         if manifest_digest is None:
             return None
+        return self._stored_for(request, manifest_digest, deadline)
+
+    def _stored_for(
+        self, request: ModuleRequest, manifest_digest: str, deadline: float | None, admitted: bool = False
+    ) -> ResolvedModule | None:
+        """The stored module ``manifest_digest`` resolved to, if this pod may have it without a pull.
+        ``admitted``: the publish already holds its admission to wait on the registry."""
+        ref = request.ref
         entry = self._store.manifest(manifest_digest)
         if entry is None or not self._store.has(entry.module_digest):
             return None
-        if not self._may_share_stored(request, entry, deadline):
+        if not self._may_share_stored(request, entry, deadline, admitted):
             return None  # pull the reference: the pod's registry must serve the bytes
         if not self._signatures.is_verified(ref, entry.manifest_digest):
             if request.policy is not PullPolicy.NEVER:
@@ -220,7 +232,9 @@ class Puller:
             return None
         return entry.manifest_digest
 
-    def _may_share_stored(self, request: ModuleRequest, entry: ManifestEntry, deadline: float | None) -> bool:
+    def _may_share_stored(
+        self, request: ModuleRequest, entry: ManifestEntry, deadline: float | None, admitted: bool = False
+    ) -> bool:
         """The access rule (csi_wasm.access) for a stored module reached through the pod's reference alone.
 
         True: hand it over. False: pull the reference instead (rule 3). Raises when refused.
@@ -246,7 +260,8 @@ class Puller:
         try:
             # the registry that served the module as private vouches for this pod's credentials, or refuses
             # (PERMISSION_DENIED); a registry error is UNAVAILABLE: never a reason to hand the module over
-            with self._admission.pulling(ref.registry, str(ref)):  # it waits on a registry like any pull
+            admission = contextlib.nullcontext() if admitted else self._admission.pulling(ref.registry, str(ref))
+            with admission:  # it waits on a registry like any pull
                 self._client.fetch_manifest(ref, creds, key=entry.manifest_digest, deadline=deadline)
         except ModuleNotFound:
             return False  # the origin no longer has that manifest: resolve the reference afresh
@@ -270,11 +285,18 @@ class Puller:
 
     def _pull(self, request: ModuleRequest, deadline: float | None) -> ResolvedModule:
         ref, creds = request.ref, request.credentials
-        manifest = self._resolve(ref, creds, deadline)
+        current = self._current_digest(request, deadline)
+        if current is not None:
+            unchanged = self._stored_for(request, current, deadline, admitted=True)
+            if unchanged is not None:  # the tag still names a module the store holds: no GET at all
+                self._remember_tag(ref, current)
+                self._persist_tag(ref, current)
+                return unchanged
+        manifest = self._resolve(request, deadline, key=current)  # by the digest the HEAD named: bytes checked
         self._signatures.verify(ref, manifest.digest, creds, deadline)  # before any blob is downloaded
         if is_index(manifest.media_type, manifest.body):
             child = select_from_index(str(ref), manifest.body)
-            manifest = _merge_auth(self._client.fetch_manifest(ref, creds, key=child, deadline=deadline), manifest)
+            manifest = _merge_auth(self._resolve(request, deadline, key=child), manifest)
             self._signatures.vouch(ref, manifest.digest)
         if ref.digest is None:
             self._remember_tag(ref, manifest.digest)
@@ -299,31 +321,44 @@ class Puller:
         self._persist_tag(ref, manifest_digest)
         return ResolvedModule(stored.digest, stored.size, manifest_digest, layer.layout, False)
 
-    def _resolve(self, ref: Reference, creds: Credentials | None, deadline: float | None) -> FetchedManifest:
-        """The reference's manifest. Publishes of one reference with the same credentials at once share one
-        fetch: a burst of pods costs the registry one manifest GET (Docker Hub counts them), not one each."""
-        key = (str(ref), creds.fingerprint if creds else "")
-        with self._lock:
-            flight = self._resolving.get(key)
-            leading = flight is None
-            if flight is None:
-                flight = self._resolving[key] = concurrent.futures.Future()
-        if not leading:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                return flight.result(timeout)
-            except concurrent.futures.TimeoutError as exc:
-                raise RegistryTimeout(f"image {ref}: the registry did not answer within this call's deadline") from exc
-        try:
-            manifest = self._client.fetch_manifest(ref, creds, deadline=deadline)
-        except BaseException as exc:
-            flight.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                del self._resolving[key]
-        flight.set_result(manifest)
+    def _resolve(self, request: ModuleRequest, deadline: float | None, key: str | None = None) -> FetchedManifest:
+        """The manifest of the pod's reference (or of ``key``, a digest). Publishes with the same credentials
+        share one fetch, and under IfNotPresent its answer for ``tag_cache_seconds``: a burst of pods costs
+        the registry one manifest GET (Docker Hub counts them), not one each."""
+        ref, creds = request.ref, request.credentials
+        wanted = key or ref.manifest_key
+        reuse = request.policy is PullPolicy.IF_NOT_PRESENT or wanted.startswith("sha256:")
+        manifest, fetched = self._manifests.get(
+            ResolutionKey.of(ref, creds, f"GET {wanted}"),
+            lambda: self._client.fetch_manifest(ref, creds, key=key, deadline=deadline),
+            deadline,
+            reuse,
+        )
+        if fetched and wanted != manifest.digest:  # fetched by tag: the answer for its digest too
+            self._manifests.remember(ResolutionKey.of(ref, creds, f"GET {manifest.digest}"), manifest)
         return manifest
+
+    def _current_digest(self, request: ModuleRequest, deadline: float | None) -> str | None:
+        """The digest the pod's tag names now, known without a GET: from the tag cache while it is fresh
+        (pullPolicy IfNotPresent: a download of it may still be running), else, for a tag this node has
+        resolved before, from a HEAD, which Docker Hub does not count as a pull. None for a digest
+        reference, or a tag never seen (it is fetched at once: a HEAD first would only add a trip)."""
+        ref, creds = request.ref, request.credentials
+        if ref.digest is not None:
+            return None
+        if request.policy is PullPolicy.IF_NOT_PRESENT:
+            fresh = self._cached_tag(ref, fresh_only=True)
+            if fresh is not None:
+                return fresh
+        if self._cached_tag(ref, fresh_only=False) is None:
+            return None
+        digest, _ = self._heads.get(
+            ResolutionKey.of(ref, creds, f"HEAD {ref.manifest_key}"),
+            lambda: self._client.head_manifest(ref, creds, deadline),
+            deadline,
+            reuse=request.policy is PullPolicy.IF_NOT_PRESENT,  # a HEAD answered moments ago is a fresh resolution
+        )
+        return digest
 
     def _download(
         self, ref: Reference, layer: ModuleLayer, creds: Credentials | None, deadline: float | None
@@ -395,11 +430,13 @@ class Puller:
         started = time.monotonic()
         self._metrics.pulls_in_flight.inc()
         event(log, "pull.start", image=str(ref), layer=layer.digest, layout=layer.layout, bytes=layer.size)
+        steps = _Steps()
         try:
             with self._client.open_blob(ref, layer.digest, creds, layer.size) as blob:
-                counted = _counting(iter(blob), self._metrics)
+                steps.headers_s = time.monotonic() - started
+                counted = _counting(iter(blob), self._metrics, steps)
                 if layer.packaging == "raw":
-                    stored = self._store_raw(ref, layer, counted)
+                    stored = self._store_raw(ref, layer, counted, steps)
                 else:
                     stored = self._store_from_tar(ref, layer, counted)
         except DriverError as exc:
@@ -412,14 +449,19 @@ class Puller:
         with self._lock:
             self._landed[stored.digest] = time.monotonic()
         self._metrics.pull_seconds.observe(seconds)
-        event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3))
+        event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3),
+              headers_s=round(steps.headers_s, 4), read_s=round(steps.read_s, 4),
+              commit_s=round(steps.commit_s, 4))  # fmt: skip
         return stored
 
-    def _store_raw(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes]) -> StoredModule:
+    def _store_raw(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes], steps: _Steps) -> StoredModule:
         with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
             for chunk in chunks:
                 ingest.write(chunk)
-            return ingest.commit(expected_digest=layer.digest)
+            committing = time.monotonic()
+            stored = ingest.commit(expected_digest=layer.digest)
+            steps.commit_s = time.monotonic() - committing
+            return stored
 
     def _store_from_tar(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes]) -> StoredModule:
         reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
@@ -465,8 +507,24 @@ def _merge_auth(child: FetchedManifest, parent: FetchedManifest) -> FetchedManif
     return child
 
 
-def _counting(chunks: Iterator[bytes], metrics: Metrics) -> Iterator[bytes]:
-    for chunk in chunks:
+@dataclass
+class _Steps:
+    """Where a download's time went, logged with ``pull.done``: the registry's answer (connect, auth,
+    headers), the socket reads, and the commit (the last hash, fsync, rename). The rest of ``seconds``
+    is writing into the store, with the hash running beside it."""
+
+    headers_s: float = 0.0
+    read_s: float = 0.0
+    commit_s: float = 0.0
+
+
+def _counting(chunks: Iterator[bytes], metrics: Metrics, steps: _Steps) -> Iterator[bytes]:
+    while True:
+        reading = time.monotonic()
+        chunk = next(chunks, None)
+        steps.read_s += time.monotonic() - reading
+        if chunk is None:
+            return
         metrics.pull_bytes.inc(len(chunk))
         yield chunk
 

@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -48,6 +49,7 @@ class Driver:
         metrics: Metrics | None = None,
         mounter: Mounter | None = None,
         registry_client: RegistryClient | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         require_shared_pods_dir(self.pods_dir)  # before anything is created: a refused start leaves nothing
@@ -57,7 +59,7 @@ class Driver:
         self.records = RecordStore(config.state_dir / "volumes")
         self.client = registry_client or RegistryClient(config.node)
         self.puller = Puller(
-            self.store, self.client, config.node.pull, self.metrics, config.node.store.auth_cache_seconds
+            self.store, self.client, config.node.pull, self.metrics, config.node.store.auth_cache_seconds, clock
         )
         keychain = load_docker_config(pathlib.Path(config.node.docker_config)) if config.node.docker_config else Keychain()
         self.pins = Pins()

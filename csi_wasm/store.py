@@ -40,6 +40,7 @@ from typing import Iterator
 from csi_wasm import wasm
 from csi_wasm.errors import DigestMismatch, InvalidRequest, NotWasm, StorageFull, TooLarge
 from csi_wasm.integrity import Seal, Seals
+from csi_wasm.streaming import BackgroundHash, Writeback
 
 FILE_NAME_MAX = 255
 # The free-space floor is checked again after every this many bytes written: a compat layer of a few KB
@@ -139,13 +140,15 @@ class Ingest:
         self._store = store
         self._image = image
         self._max_bytes = max_bytes
-        self._hash = hashlib.sha256()
         self._size = 0
         self._unchecked = 0
         self._header = b""
         self.temp_path = store.tmp_dir / f"{secrets.token_hex(8)}.partial"
         with self._full_disk():
-            self._file = open(self.temp_path, "xb")
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._file = Writeback(fd)  # written and flushed to disk as the bytes arrive (csi_wasm.streaming)
+        self._hash = BackgroundHash()  # hashed on its own thread, beside the socket reads and file writes
+        self._closed = False
 
     @property
     def size(self) -> int:
@@ -159,7 +162,7 @@ class Ingest:
             self._header += chunk[: wasm.HEADER_LENGTH - len(self._header)]
             if len(self._header) == wasm.HEADER_LENGTH and wasm.header_kind(self._header) is None:
                 raise NotWasm(f"image {self._image}: the layer is not a WebAssembly module (bad magic/version)")
-        self._hash.update(chunk)
+        self._hash.put(chunk)
         self._unchecked += len(chunk)
         if self._unchecked >= FREE_SPACE_CHECK_BYTES:
             self._unchecked = 0
@@ -180,11 +183,15 @@ class Ingest:
                 f"image {self._image}: content digest {digest} does not match the expected {expected_digest}"
             )
         with self._full_disk():
-            self._file.flush()
-            os.fchmod(self._file.fileno(), 0o444)
-            os.fsync(self._file.fileno())
-            self._file.close()
+            os.fchmod(self._file.fd, 0o444)
+            os.fsync(self._file.fd)  # most of the file is on its way to disk already: a short wait
+            self._close()
             return self._store.adopt(self.temp_path, digest, self._size)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._file.fd)
 
     def __enter__(self) -> Ingest:
         return self
@@ -192,9 +199,9 @@ class Ingest:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if not self._file.closed:
-            with contextlib.suppress(OSError):  # a full disk fails the flush on close too: the file goes anyway
-                self._file.close()
+        self._hash.close()
+        with contextlib.suppress(OSError):  # a full disk may fail the close too: the file goes anyway
+            self._close()
         self.temp_path.unlink(missing_ok=True)
 
 

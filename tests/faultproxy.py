@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 Upstream = tuple[int, list[tuple[str, str]], bytes]
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
@@ -92,7 +92,12 @@ Fault = Callable[[Exchange], None]
 
 
 def passthrough(ex: Exchange) -> None:
-    ex.send(*ex.upstream())
+    code, headers, body = ex.upstream()
+    if ex.seen.method == "HEAD":  # the upstream's length, and no body
+        length = next((int(v) for k, v in headers if k.lower() == "content-length" and v.isdigit()), 0)
+        ex.send_head(code, headers, length)
+        return
+    ex.send(code, headers, body)
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Fault:
@@ -424,6 +429,14 @@ class FaultProxy:
             connection.close()
 
 
+def _combined(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Headers by name, repeated ones joined with ", " as HTTP allows (Go clients send one Accept per type)."""
+    combined: dict[str, str] = {}
+    for name, value in items:
+        combined[name] = f"{combined[name]}, {value}" if name in combined else value
+    return combined
+
+
 def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -435,7 +448,7 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             self._answer()
 
         def _answer(self) -> None:
-            seen = Seen(self.command, self.path, dict(self.headers.items()), time.monotonic())
+            seen = Seen(self.command, self.path, _combined(self.headers.items()), time.monotonic())
             proxy._record(seen)
             self.close_connection = True
             try:

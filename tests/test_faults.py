@@ -263,8 +263,11 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
         samples = [backoff(number) for _ in range(200)]
         assert all(0.5 * base <= s <= 1.5 * base for s in samples)
         assert len({round(s, 6) for s in samples}) > 150  # jitter: no two clients retry in lockstep
-    assert backoff(1, retry_after=3600) == MAX_RETRY_AFTER_SECONDS
-    assert backoff(1, retry_after=0.5) == 0.5
+    # Retry-After is a floor (capped), with a spread above it so turned-away clients do not return at once
+    long = [backoff(1, retry_after=3600) for _ in range(200)]
+    assert all(MAX_RETRY_AFTER_SECONDS <= s <= 1.5 * MAX_RETRY_AFTER_SECONDS for s in long)
+    short = [backoff(1, retry_after=0.5) for _ in range(200)]
+    assert all(0.5 <= s <= 1.5 for s in short) and max(short) - min(short) > 0.5
 
 
 def test_retries_are_bounded_and_stop_at_the_deadline() -> None:

@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import grpc
 
@@ -29,6 +29,10 @@ from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.mounts import LinuxMounter
 
 DEFAULT_TIMEOUT = 120.0  # kubelet's per-call timeout for CSI operations
+# kubelet retries a failed MountVolume.SetUp, whatever the code, with exponential backoff
+# (nestedpendingoperations: 500 ms, doubling, at most 2m2s)
+RETRY_INITIAL_SECONDS = 0.5
+RETRY_MAX_SECONDS = 122.0
 VOL_DATA_FILE = "vol_data.json"  # kubelet's record of the volume, next to the target
 # Codes after which kubelet cannot know whether the operation is still running on the driver's side
 # ("uncertain"): it keeps the volume directory and retries. Any other error is final: kubelet
@@ -59,6 +63,18 @@ class InlineVolume:
     def volume_id(self) -> str:
         # kubelet: "csi-" + hex(sha256(podUID + volumeName))
         return "csi-" + hashlib.sha256(f"{self.pod_uid}{self.volume_name}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """A volume kubelet got mounted, and the codes of the calls that failed before."""
+
+    target: pathlib.Path
+    failed: tuple[grpc.StatusCode, ...] = ()
+
+    @property
+    def calls(self) -> int:
+        return len(self.failed) + 1
 
 
 def new_pod_uid() -> str:
@@ -150,6 +166,30 @@ class Kubelet:
                 self._remove_mount_dir(target)
             raise
         return target
+
+    def mount_retrying(
+        self,
+        volume: InlineVolume,
+        give_up_after: float = 600.0,
+        timeout: float = DEFAULT_TIMEOUT,
+        initial_backoff: float = RETRY_INITIAL_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Mounted:
+        """``mount`` until it succeeds, waiting between calls as kubelet's backoff does; the last error
+        is raised once the next wait would end past ``give_up_after`` seconds (kubelet never gives up)."""
+        failed: list[grpc.StatusCode] = []
+        backoff = initial_backoff
+        started = clock()
+        while True:
+            try:
+                return Mounted(self.mount(volume, timeout), tuple(failed))
+            except grpc.RpcError as exc:
+                failed.append(exc.code())
+                if clock() + backoff - started > give_up_after:
+                    raise
+            sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_SECONDS)
 
     def unmount(self, volume: InlineVolume, timeout: float = DEFAULT_TIMEOUT) -> None:
         """What kubelet's TearDown does: NodeUnpublishVolume, then remove the volume directory."""

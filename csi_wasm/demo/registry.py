@@ -25,19 +25,25 @@ class RegistryAuth:
 
 
 class LocalRegistry:
-    """A real registry process. ``host`` is ``127.0.0.1:<port>``; ``log_lines`` records its requests."""
+    """A real registry process. ``host`` is ``127.0.0.1:<port>``; ``log_lines`` records its requests.
+
+    With ``proxy_remote`` (``http://host:port`` of another registry) it runs as a pull-through
+    cache of that registry: distribution's ``proxy: remoteurl:`` mode, read-only, filled on demand.
+    """
 
     def __init__(
         self,
         workdir: pathlib.Path,
         auth: RegistryAuth | None = None,
         tls: tuple[pathlib.Path, pathlib.Path] | None = None,
+        proxy_remote: str | None = None,
     ) -> None:
         if shutil.which(BINARY) is None:
             raise RuntimeError(f"{BINARY} not found: apt-get install -y docker-registry")
         self.workdir = workdir
         self.auth = auth
         self.tls = tls
+        self.proxy_remote = proxy_remote
         self.log_lines: list[str] = []
         self._process: subprocess.Popen[str] | None = None
         self._port: int | None = None
@@ -64,6 +70,8 @@ class LocalRegistry:
             "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")}, "delete": {"enabled": True}},
             "http": http,
         }
+        if self.proxy_remote:
+            config["proxy"] = {"remoteurl": self.proxy_remote}
         if self.auth:
             config["auth"] = {"htpasswd": {"realm": "csi-wasm", "path": str(self._htpasswd())}}
         config_path = self.workdir / "config.yml"

@@ -11,6 +11,7 @@ What a node agent cannot leave to an HTTP library is owned here, one module per 
 | ``bodies`` | bodies read whole: the node's memory budget, JSON counted before it is parsed |
 | ``auth`` | 401 challenges: Basic, Bearer tokens per registry, scope and credential |
 | ``retry`` | bounded retries of transient failures, backoff, ``Retry-After``, the call's deadline |
+| ``mirrors`` | mirrors that gave no answer are skipped for a while |
 | ``ssrf`` | which addresses may be contacted on a registry's behalf |
 """
 

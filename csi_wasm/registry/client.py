@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -24,10 +25,14 @@ from csi_wasm.layouts import ACCEPTED_MANIFEST_TYPES
 from csi_wasm.reference import Reference
 from csi_wasm.registry.auth import Authenticator
 from csi_wasm.registry.bodies import parse_json
+from csi_wasm.registry.mirrors import MirrorHealth, gave_no_answer
 from csi_wasm.registry.retry import Retrier
 from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transport
 
 T = TypeVar("T")
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A blob is read up to this much per socket read: fewer, larger chunks through the hash and the file.
+BLOB_CHUNK_BYTES = 1024 * 1024
 # A manifest, token or small blob exchange (headers and body) may take this many read timeouts.
 WHOLE_BODY_READ_TIMEOUTS = 2
 
@@ -53,6 +58,7 @@ class RegistryClient:
         self._transport = Transport(node, clock)
         self._auth = Authenticator(self._transport.allowed_networks, clock)
         self._retrier = Retrier(self._pull.attempts, clock, sleep)
+        self._mirrors = MirrorHealth(clock)
 
     @property
     def node(self) -> NodeConfig:
@@ -96,6 +102,24 @@ class RegistryClient:
 
         return self._across_endpoints(ref, attempt, deadline)
 
+    def head_manifest(self, ref: Reference, creds: Credentials | None, deadline: float | None = None) -> str | None:
+        """The digest ``ref``'s tag points at now, from a HEAD: its ``Docker-Content-Digest`` header.
+
+        A HEAD is not counted as a pull by Docker Hub, where every GET of a manifest is; None
+        when the registry sends no well-formed sha256 digest (the caller then GETs the manifest).
+        """
+        accept = ", ".join(ACCEPTED_MANIFEST_TYPES)
+
+        def attempt(endpoint: Endpoint) -> str | None:
+            url = self._url(endpoint, ref, "manifests", ref.manifest_key)
+            with self._transport.exchange(self._whole_body_deadline(deadline)) as exchange:
+                response, _ = self._request(exchange, endpoint, ref, url, creds, {"Accept": accept}, method="HEAD")
+                with contextlib.closing(response):
+                    digest = response.headers.get("Docker-Content-Digest", "").strip()
+            return digest if _SHA256_DIGEST.fullmatch(digest) else None
+
+        return self._across_endpoints(ref, attempt, deadline)
+
     def fetch_blob_bytes(
         self, ref: Reference, digest: str, creds: Credentials | None, limit: int, deadline: float | None = None
     ) -> bytes:
@@ -135,7 +159,7 @@ class RegistryClient:
 
         held, exchange, response = self._across_endpoints(ref, attempt, deadline)
         with held:
-            yield exchange.stream(response, f"image {ref}", expected_size)
+            yield exchange.stream(response, f"image {ref}", expected_size, BLOB_CHUNK_BYTES)
 
     # -- endpoints, retries ----------------------------------------------
 
@@ -157,11 +181,17 @@ class RegistryClient:
         """Try each mirror in order, then the upstream; a mirror's failure falls through."""
         endpoints = self._endpoints(ref)
         for endpoint in endpoints[:-1]:
+            if self._mirrors.skipped(endpoint.host):
+                continue  # it gave no answer moments ago (csi_wasm.registry.mirrors)
             try:
-                return self._retrier.run(lambda: attempt(endpoint), deadline)
-            except (RegistryError, ModuleNotFound):
+                return self._retrier.run(lambda: attempt(endpoint), deadline, endpoint.host)
+            except ModuleNotFound:
                 continue
-        return self._retrier.run(lambda: attempt(endpoints[-1]), deadline)
+            except RegistryError as exc:
+                if gave_no_answer(exc):
+                    self._mirrors.down(endpoint.host)
+                continue
+        return self._retrier.run(lambda: attempt(endpoints[-1]), deadline, endpoints[-1].host)
 
     # -- one request, with auth ------------------------------------------
 
@@ -173,10 +203,11 @@ class RegistryClient:
         url: str,
         creds: Credentials | None,
         headers: dict[str, str],
+        method: str = "GET",
     ) -> tuple[requests.Response, bool]:
         scope = f"repository:{ref.repository}:pull"
         auth = self._auth.cached(endpoint, scope, creds)
-        response, moved = exchange.send(endpoint, ref, url, headers, auth)
+        response, moved = exchange.send(endpoint, ref, url, headers, auth, method)
         used_credentials = False
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
@@ -188,7 +219,7 @@ class RegistryClient:
                 )
             auth = self._auth.authenticate(exchange, endpoint, ref, challenge, scope, creds)
             used_credentials = creds is not None
-            response, _ = exchange.send(endpoint, ref, url, headers, auth)
+            response, _ = exchange.send(endpoint, ref, url, headers, auth, method)
         elif auth is not None:
             used_credentials = creds is not None
         exchange.check_status(response, ref, endpoint, creds)

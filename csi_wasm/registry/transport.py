@@ -30,7 +30,7 @@ from csi_wasm.credentials import Credentials
 from csi_wasm.errors import AccessDenied, DriverError, ModuleNotFound, RegistryError, RegistryTimeout, TooLarge
 from csi_wasm.reference import Reference
 from csi_wasm.registry.bodies import BUFFER_FACTOR, ERROR_BODY_BYTES, MemoryBudget, error_codes
-from csi_wasm.registry.retry import Transient, parse_retry_after
+from csi_wasm.registry.retry import Transient, Unreachable, parse_retry_after
 from csi_wasm.registry.sessions import SessionPool
 from csi_wasm.registry.ssrf import hostname_of, refuse_forbidden_host, refuse_local_registry
 from csi_wasm.registry.watchdog import Watch, Watchdog, WatchSlot
@@ -151,9 +151,15 @@ class Exchange:
         return min(pull.connect_timeout_seconds, remaining), min(pull.read_timeout_seconds, remaining)
 
     def send(
-        self, endpoint: Endpoint, ref: Reference, url: str, headers: dict[str, str], auth: str | None
+        self,
+        endpoint: Endpoint,
+        ref: Reference,
+        url: str,
+        headers: dict[str, str],
+        auth: str | None,
+        method: str = "GET",
     ) -> tuple[requests.Response, bool]:
-        """GET ``url``, following redirects by hand; also say whether it ended on another host."""
+        """GET (or HEAD) ``url``, following redirects by hand; also say whether it ended on another host."""
         transport = self._transport
         origin = urllib.parse.urlsplit(url)
         refuse_forbidden_host(origin.hostname or "", f"image {ref}: registry", allowed=transport.allowed_networks)
@@ -164,7 +170,7 @@ class Exchange:
             same_host = urllib.parse.urlsplit(url).netloc == origin.netloc
             if auth and same_host:
                 request_headers["Authorization"] = auth
-            response = self._get(endpoint, url, request_headers, f"image {ref}: registry {endpoint.host}")
+            response = self._get(endpoint, url, request_headers, f"image {ref}: registry {endpoint.host}", method=method)
             if not response.is_redirect:
                 return response, not same_host
             location = response.headers.get("Location", "")
@@ -179,12 +185,19 @@ class Exchange:
         return self._get(endpoint, url, {"Accept-Encoding": "identity"} | headers, what, params)
 
     def _get(
-        self, endpoint: Endpoint, url: str, headers: dict[str, str], what: str, params: dict[str, str] | None = None
+        self,
+        endpoint: Endpoint,
+        url: str,
+        headers: dict[str, str],
+        what: str,
+        params: dict[str, str] | None = None,
+        method: str = "GET",
     ) -> requests.Response:
         parts = urllib.parse.urlsplit(url)
         try:
             with self._transport.sessions.use(parts.scheme, parts.netloc, endpoint.verify) as session:
-                response = session.get(
+                response = session.request(
+                    method,
                     url,
                     params=params,
                     headers=headers,
@@ -204,7 +217,7 @@ class Exchange:
             if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout)):
                 raise RegistryTimeout(f"{what} timed out") from exc
             if isinstance(exc, requests.exceptions.ConnectionError):
-                raise Transient(f"{what} cannot be reached: {short(exc)}") from exc
+                raise Unreachable(f"{what} cannot be reached: {short(exc)}") from exc
             raise RegistryError(f"{what}: request failed: {short(exc)}") from exc
         if self.watch.expired:  # cut off mid-headers, what arrived can still parse as a short answer
             response.close()
