@@ -3,6 +3,7 @@ pre-pull and the operator commands. Real mounts, real registry, the real driver.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import random
@@ -21,6 +22,7 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
+from csi_wasm.logs import EVENT_FIELDS
 from csi_wasm import syscalls
 from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
 
@@ -132,6 +134,79 @@ def test_gc_racing_publishes_never_breaks_a_publish(csi: RunningDriver, modules:
     gc_thread.join(30)
     assert errors == [] and collections > 0
     assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
+
+
+class Recorded(logging.Handler):
+    """The log records of one logger while a test runs (whatever the log format and level configured)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger(logger)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def events(self, name: str) -> list[logging.LogRecord]:
+        return [record for record in self.records if record.getMessage() == name]
+
+    def __enter__(self) -> Recorded:
+        self._logger.addHandler(self)
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
+def _sample(csi: RunningDriver, name: str, **labels: str) -> float:
+    return csi.driver.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_failed_gc_pass_is_counted_and_logged_and_the_next_one_collects(
+    csi: RunningDriver, modules: list[Pushed]
+) -> None:
+    store = csi.driver.store
+    for pushed in modules[:2]:
+        volume = csi.volume(pushed.reference)
+        csi.kubelet.mount(volume)
+        csi.kubelet.unmount(volume)
+    first, held = modules[0].module_digest, modules[1].module_digest
+    store.touch(first, time.time() - 200)  # collected first (least recently used)...
+    store.touch(held, time.time() - 100)
+    held_path = store.module_path(held)
+    syscalls.mount(bytes(held_path), bytes(held_path), syscalls.MS_BIND)  # ...then this one: a mount point, EBUSY
+    collector = _collector(csi, time.time() + DAY, gc_grace_seconds=0)
+    stop = threading.Event()
+    loop = threading.Thread(target=collector.run_forever, args=(3600.0, stop), name="gc-under-test")
+    try:
+        with Recorded("csi_wasm.gc") as log:
+            loop.start()
+            collector.trigger()
+            assert wait_for(lambda: log.events("gc.failed") != [])  # logged once counted
+            assert _sample(csi, "csi_wasm_gc_errors_total") == 1
+            (failed,) = log.events("gc.failed")
+            fields = getattr(failed, EVENT_FIELDS)
+            assert "Errno 16" in fields["error"] and fields["retry_in_seconds"] == 3600.0 and failed.exc_info
+            assert loop.is_alive()
+            # the module removed before the failure is gone and counted; the held one stays
+            assert not store.has(first) and store.has(held)
+            assert _sample(csi, "csi_wasm_gc_evictions_total") == 1
+            assert _sample(csi, "csi_wasm_gc_freed_bytes_total") == 5000
+            unmount_path(held_path)
+            collector.trigger()  # the next pass (the interval's, woken early)
+            assert wait_for(lambda: _sample(csi, "csi_wasm_gc_evictions_total") == 2)
+        assert not store.has(held) and store.modules() == []
+        assert _sample(csi, "csi_wasm_gc_freed_bytes_total") == 5000 + 5001
+        assert _sample(csi, "csi_wasm_gc_errors_total") == 1 and len(log.events("gc.failed")) == 1
+    finally:
+        stop.set()
+        collector.trigger()
+        loop.join(30)
+        if LinuxMounter().mount_at(held_path) is not None:
+            unmount_path(held_path)
 
 
 def test_a_download_that_would_cross_the_free_space_floor_is_resource_exhausted(
