@@ -3,15 +3,18 @@ pre-pull and the operator commands. Real mounts, real registry, the real driver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import random
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from typing import Iterator
 
 import grpc
 import pytest
@@ -432,6 +435,68 @@ def test_prepull_at_start_warms_the_store_and_protects_it_from_gc(
         running.kubelet.unmount(volume)
     finally:
         stop_driver(running)
+
+
+def test_prepull_failures_are_logged_one_by_one_and_the_driver_serves_anyway(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher, modules: list[Pushed]
+) -> None:
+    not_wasm = pusher.wasm_artifact("lifecycle/notwasm", "v1", b"a text file, not a module\n" * 40)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once the socket is closed
+    failing = {f"{registry.host}/lifecycle/missing:v1": "not_found", f"{down}/lifecycle/down:v1": "unavailable",
+               not_wasm.reference: "invalid_wasm", "Not A Reference": "invalid_argument"}  # fmt: skip
+    # the good one last: the modules are pre-pulled in order, so once it is stored every failure was met
+    node = replace(NodeConfig(pull=replace(fast_pull_config(), attempts=1)),
+                   prepull=(*failing, modules[2].reference)).with_insecure([registry.host, down])  # fmt: skip
+    with Recorded("csi_wasm.server") as log:
+        running = start_driver(tmp_path, node)
+        try:
+            assert running.driver.is_ready()
+            assert wait_for(lambda: modules[2].module_digest in running.driver.prepulled(), timeout=30)
+            failed = [getattr(record, EVENT_FIELDS) for record in log.events("prepull.failed")]
+            assert {fields["image"]: fields["reason"] for fields in failed} == failing
+            assert all(fields["image"] in fields["error"] for fields in failed), failed  # each names its image
+            assert {record.levelno for record in log.events("prepull.failed")} == {logging.WARNING}
+            for reason in ("not_found", "unavailable", "invalid_wasm", "success"):
+                assert _sample(running, "csi_wasm_pulls_total", result=reason) == 1, reason
+            served = running.volume(modules[2].reference, pullPolicy="Never")
+            assert (running.kubelet.mount(served) / "plugin.wasm").read_bytes() == make_module(5002, "lifecycle-2")
+            running.kubelet.unmount(served)
+        finally:
+            stop_driver(running)
+
+
+@contextlib.contextmanager
+def read_only(directory: pathlib.Path) -> Iterator[None]:
+    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
+    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
+    try:
+        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        yield
+    finally:
+        unmount_path(directory)
+
+
+def test_an_unforeseen_prepull_failure_is_logged_and_the_rest_is_still_pre_pulled(
+    tmp_path: pathlib.Path, registry: LocalRegistry, modules: list[Pushed]
+) -> None:
+    node = NodeConfig(pull=fast_pull_config()).with_insecure([registry.host])
+    warm = _cli("pull", "--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host,
+                modules[2].reference)  # fmt: skip
+    assert warm.returncode == 0, warm.stderr
+    node = replace(node, prepull=(modules[3].reference, modules[2].reference))  # a download, then a stored one
+    with Recorded("csi_wasm.server") as log, read_only(tmp_path / "state" / "store" / "tmp"):
+        running = start_driver(tmp_path, node)
+        try:
+            assert wait_for(lambda: modules[2].module_digest in running.driver.prepulled(), timeout=30)
+            (failed,) = log.events("prepull.failed")
+            fields = getattr(failed, EVENT_FIELDS)
+            assert fields["image"] == modules[3].reference and fields["reason"] == "internal"
+            assert "Read-only file system" in fields["error"] and failed.exc_info and failed.levelno == logging.ERROR
+            assert not running.driver.store.has(modules[3].module_digest)
+        finally:
+            stop_driver(running)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
