@@ -266,6 +266,10 @@ def _pull(args: argparse.Namespace) -> int:
                 print(f"{image}: FAILED: {exc}", file=sys.stderr)
                 failed += 1
                 continue
+            except Exception as exc:  # noqa: BLE001 - one line per image, and the others are still pulled
+                print(f"{image}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
             print(f"{image}: {module.digest} {module.size} bytes ({'already stored' if module.from_cache else 'pulled'})")
     finally:
         puller.close()

@@ -22,8 +22,12 @@ import grpc
 import pytest
 
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
+from csi_wasm import syscalls
 from csi_wasm.cli import build_parser
 from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig, StoreConfig
+from csi_wasm.demo.push import Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.mounts import unmount_path
 from csi_wasm.topology import share_directory
 
@@ -164,6 +168,53 @@ def test_a_missing_kubelet_dir_is_a_warning_at_start(node: pathlib.Path) -> None
     assert len(warnings) == 1 and '"level": "warning"' in warnings[0], driver.stderr
     assert str(node / "no-kubelet-here") in warnings[0]
     assert not (node / "no-kubelet-here").exists()
+
+
+# -- `csi-wasm pull`: one line per image, exit 1 if any failed -------------------------------------
+
+
+def failures(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The pull's own lines on stderr (the log shares it, at the default level)."""
+    return [line for line in result.stderr.splitlines() if ": FAILED: " in line]
+
+
+def test_a_pull_that_fails_for_some_images_exits_1_and_names_each(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    module = make_module(3000, "cli-pull")
+    good = pusher.wasm_artifact("cli/pull", "good", module)
+    missing = f"{registry.host}/cli/pull:missing"
+    state = ["--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host]
+    result = run("pull", *state, missing, good.reference, "Not A Reference")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [f"{good.reference}: {good.module_digest} 3000 bytes (pulled)"]
+    failed = failures(result)
+    assert len(failed) == 2 and "Traceback" not in result.stderr, result.stderr
+    assert failed[0].startswith(f"{missing}: FAILED: ") and "not found in registry" in failed[0]
+    assert failed[1].startswith("Not A Reference: FAILED: ") and "invalid repository path" in failed[1]
+    again = run("pull", *state, good.reference)
+    assert again.returncode == 0 and failures(again) == []
+    assert again.stdout.splitlines() == [f"{good.reference}: {good.module_digest} 3000 bytes (already stored)"]
+
+
+def test_a_pull_onto_a_read_only_store_names_the_error_and_goes_on(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    stored = pusher.wasm_artifact("cli/pull", "stored", make_module(3100, "cli-pull-stored"))
+    new = pusher.wasm_artifact("cli/pull", "new", make_module(3200, "cli-pull-new"))
+    state = ["--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host]
+    assert run("pull", *state, stored.reference).returncode == 0
+    tmp = tmp_path / "state" / "store" / "tmp"
+    syscalls.mount(bytes(tmp), bytes(tmp), syscalls.MS_BIND)  # the store's filesystem gone read-only
+    try:
+        syscalls.mount(b"none", bytes(tmp), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        result = run("pull", *state, new.reference, stored.reference)
+    finally:
+        unmount_path(tmp)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (failed,) = failures(result)
+    assert failed.startswith(f"{new.reference}: FAILED: OSError: ") and "Read-only file system" in failed
+    assert result.stdout.splitlines() == [f"{stored.reference}: {stored.module_digest} 3100 bytes (already stored)"]
 
 
 # -- the socket: only a stale one is replaced ---------------------------------------------------
