@@ -15,8 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
 import grpc
 import pytest
@@ -35,6 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "csi-wasm"
 COMMAND = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "csi_wasm"]
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+# the driver's `recovered` event in either log format: it turns ready right after
+RECOVERED = re.compile(r'^\S+ info +recovered( |$)|"event": "recovered"')
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -385,13 +387,28 @@ def answering_node(sock: pathlib.Path) -> str:
 
 
 class Driver:
-    """`csi-wasm serve` in a subprocess; stderr collected to a file so it can be read while it runs."""
+    """`csi-wasm serve` in a subprocess. Its stderr is read line by line as it comes (a thread, a condition),
+    so a test waits for the line it needs, an event, and never for a while."""
 
     def __init__(self, args: list[str], sock: pathlib.Path) -> None:
         self._sock = sock
-        self._log = sock.parent.parent / f"driver-{time.monotonic_ns()}.log"
-        with open(self._log, "wb") as log:
-            self._process = subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL, stderr=log, env=BASE_ENV)
+        self._process = subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         env=BASE_ENV)  # fmt: skip
+        self._lines: list[str] = []
+        self._ended = False  # stderr closed: the process has exited
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"stderr-{self._process.pid}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stderr is not None
+        for raw in self._process.stderr:
+            with self._arrived:
+                self._lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._arrived.notify_all()
+        with self._arrived:
+            self._ended = True
+            self._arrived.notify_all()
 
     @property
     def pid(self) -> int:
@@ -399,37 +416,39 @@ class Driver:
 
     @property
     def stderr(self) -> str:
-        return self._log.read_text()
+        return "\n".join(self.stderr_lines())
 
     def stderr_lines(self) -> list[str]:
-        return self.stderr.splitlines()
+        with self._arrived:
+            return list(self._lines)
 
     def wait_for_line(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr:
-            assert self._process.poll() is None, f"driver exited {self._process.returncode}: {self.stderr}"
-            assert time.monotonic() < deadline, f"no {text} in the driver's log: {self.stderr}"
-            time.sleep(0.05)
+        self._wait_for(lambda line: text in line, text, timeout)
+
+    def _wait_for(self, matches: Callable[[str], bool], what: str, timeout: float) -> None:
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._ended or any(map(matches, self._lines)), timeout)
+            found = any(map(matches, self._lines))
+        why = f"it exited {self._process.poll()}" if self._ended else f"not within {timeout} s"
+        assert found, f"no {what} in the driver's log ({why}): {self.stderr}"
 
     def wait_ready(self, timeout: float = 30) -> str:
-        """Wait until this driver answers on the socket and Probe says ready; return its node id."""
-        self.wait_for_line("serving", timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with grpc.insecure_channel(f"unix://{self._sock}") as channel:
-                    ready = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
-                if ready:
-                    return answering_node(self._sock)
-            except grpc.RpcError:
+        """Wait for the driver's `recovered` event, then for Probe to say ready; return its node id."""
+        self._wait_for(lambda line: bool(RECOVERED.search(line)), "recovered event", timeout)
+        with grpc.insecure_channel(f"unix://{self._sock}") as channel:
+            probe = csi_pb2_grpc.IdentityStub(channel).Probe
+            # ready is set a few instructions after the event is logged: ask again until it shows (each ask is
+            # a round trip on the socket, no pause; the loop is bounded by the calls' own timeout)
+            while not probe(csi_pb2.ProbeRequest(), timeout=timeout, wait_for_ready=True).ready.value:
                 pass
-            assert time.monotonic() < deadline, self.stderr
-            time.sleep(0.05)
+        return answering_node(self._sock)
 
     def terminate(self) -> int:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
-        return self._process.wait(60)
+        code = self._process.wait(60)
+        self._reader.join(30)  # every line the driver wrote is read
+        return code
 
     def __enter__(self) -> Driver:
         return self
@@ -438,3 +457,4 @@ class Driver:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait(30)
+        self._reader.join(30)
