@@ -97,11 +97,25 @@ REFUSED = [
     ({"store": {"min_free_bytes": -1}}, "store.min_free_bytes: must not be negative, got -1"),
     ({"docker_config": 5}, "docker_config: expected a string, got 5"),
     ({"prepull": [5]}, "prepull: expected a list of strings, got [5]"),
+    ({"prepull": ["r.example/a:v1", "Not A Reference"]}, "prepull[1]: image 'Not A Reference': invalid repository"),
+    ({"prepull": ["r.example/a:v1\n"]}, "prepull[0]: image 'r.example/a:v1\\n' is not a valid OCI reference"),
     ({"allowed_images": "r.example/**"}, "allowed_images: expected a list of strings, got 'r.example/**'"),
     ({"allowed_images": ["r.example"]}, "allowed_images[0] 'r.example': "),
     ({"allowed_private_networks": ["10.0.0.0/33"]}, "allowed_private_networks[0] '10.0.0.0/33': not a CIDR block"),
     ({"allowed_private_networks": ["169.254.0.0/24"]},
      "allowed_private_networks[0] '169.254.0.0/24': link-local/metadata addresses cannot be allowed"),
+    # where 0 would not switch something off but stop the driver working: a collector that never sleeps,
+    # requests that time out before they start, limits nothing fits under, every cold publish refused
+    ({"store": {"gc_interval_seconds": 0}}, "store.gc_interval_seconds: must be above 0, got 0"),
+    ({"pull": {"connect_timeout_seconds": 0}}, "pull.connect_timeout_seconds: must be above 0, got 0"),
+    ({"pull": {"read_timeout_seconds": 0.0}}, "pull.read_timeout_seconds: must be above 0, got 0.0"),
+    ({"pull": {"download_timeout_seconds": 0}}, "pull.download_timeout_seconds: must be above 0, got 0"),
+    ({"pull": {"max_manifest_bytes": 0}}, "pull.max_manifest_bytes: must be above 0, got 0"),
+    ({"pull": {"max_module_bytes": 0}}, "pull.max_module_bytes: must be above 0, got 0"),
+    ({"pull": {"max_buffered_bytes": 0}}, "pull.max_buffered_bytes: must be above 0, got 0"),
+    ({"pull": {"max_pulling_publishes": 0}}, "pull.max_pulling_publishes: must be above 0, got 0"),
+    ({"pull": {"max_pulling_publishes_per_registry": 0}},
+     "pull.max_pulling_publishes_per_registry: must be above 0, got 0"),
 ]  # fmt: skip
 
 
@@ -126,7 +140,15 @@ def test_zero_is_accepted_where_it_switches_something_off(raw: dict[str, dict[st
 # -- the same mistakes through the command: one line, exit 2, nothing created ------------------------------------
 
 CLI_REFUSED = [
+    ("a YAML syntax error", "pull: {attempts: 3\nstore: [\n", "cannot read node config CONFIG: line 2, column 6: "
+     "expected ',' or '}', but got ':'"),
     ("a YAML list", "- pull\n", "config: expected a mapping, got list"),
+    ("a bad prepull reference", "prepull: ['r.example/Team/a:v1']\n", "prepull[0]: image 'r.example/Team/a:v1': "),
+    ("an interval of 0", "store: {gc_interval_seconds: 0}\n", "store.gc_interval_seconds: must be above 0, got 0"),
+    ("a docker config that is not JSON", "docker_config: DOCKER\n", "docker_config: cannot read DOCKER: "
+     "JSONDecodeError"),
+    ("a docker config whose auths is a list", "docker_config: DOCKER\n", "docker_config: DOCKER: 'auths' must be "
+     "a mapping"),
 ]  # fmt: skip
 DOCKER_CONFIGS = {"a docker config that is not JSON": '{"auths": ', "a docker config whose auths is a list": '{"auths": []}'}
 
