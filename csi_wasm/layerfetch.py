@@ -37,11 +37,19 @@ INFLATE_FACTOR = 4
 
 
 class LayerFetcher:
-    def __init__(self, store: ModuleStore, client: RegistryClient, config: PullConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: ModuleStore,
+        client: RegistryClient,
+        config: PullConfig,
+        metrics: Metrics,
+        landing: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
         self._client = client
         self._config = config
         self._metrics = metrics
+        self._landing = landing  # told each module's digest before it appears in the store (Ingest.commit)
 
     def cap(self, layer: ModuleLayer) -> int:
         """The most bytes ``layer`` may have: the module cap, times ``INFLATE_FACTOR`` for a compressed layer."""
@@ -79,7 +87,7 @@ class LayerFetcher:
             for chunk in chunks:
                 ingest.write(chunk)
             committing = time.monotonic()
-            stored = ingest.commit(expected_digest=layer.digest)
+            stored = ingest.commit(expected_digest=layer.digest, landing=self._landing)
             steps.commit_s = time.monotonic() - committing
             return stored
 
@@ -95,7 +103,7 @@ class LayerFetcher:
                 raise DigestMismatch(
                     f"image {ref}: layer content digest {reader.digest} does not match the manifest's {layer.digest}"
                 )
-            return ingest.commit(expected_digest=None)
+            return ingest.commit(expected_digest=None, landing=self._landing)
 
     def _extract_module(self, ref: Reference, archive: TarStream, write: Callable[[bytes], None]) -> None:
         for member in archive:

@@ -124,7 +124,7 @@ class Puller:
         self._admission = admission or Admission(
             config.max_pulling_publishes, config.max_pulling_publishes_per_registry
         )
-        self._layers = LayerFetcher(store, client, config, metrics)
+        self._layers = LayerFetcher(store, client, config, metrics, landing=self._shield_from_gc)
         self._downloads = FairDownloads(config.max_concurrent_downloads, config.max_concurrent_downloads_per_registry)
 
     def close(self) -> None:
@@ -406,10 +406,13 @@ class Puller:
 
     def _download_from_origin(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
         stored = self._layers.fetch(ref, layer, creds)
-        with self._lock:
-            self._landed[stored.digest] = time.monotonic()
         self._access.downloaded(stored.digest, ref, creds)  # durable before anyone is handed the module
         return stored
+
+    def _shield_from_gc(self, digest: str) -> None:
+        """Called before the module appears in the store: a collection that can see it also sees this."""
+        with self._lock:
+            self._landed[digest] = time.monotonic()
 
     def _land(self, key: str, flight: object = None) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Iterator
+from typing import Callable, Iterator
 
 from csi_wasm import wasm
 from csi_wasm.errors import DigestMismatch, InvalidRequest, NotWasm, StorageFull, TooLarge
@@ -173,8 +173,11 @@ class Ingest:
     def _full_disk(self) -> contextlib.AbstractContextManager[None]:
         return full_disk_is_storage_full(self._store.root, f"image {self._image}")
 
-    def commit(self, expected_digest: str | None) -> StoredModule:
-        """Verify, fsync and move into place; the module's digest is the sha256 of its bytes."""
+    def commit(self, expected_digest: str | None, landing: Callable[[str], None] | None = None) -> StoredModule:
+        """Verify, fsync and move into place; the module's digest is the sha256 of its bytes.
+
+        ``landing(digest)`` runs once the bytes are verified and before the module appears under its name:
+        whoever waits for it marks it wanted there, before a garbage collection can see (and take) it."""
         if wasm.header_kind(self._header) is None:
             raise NotWasm(f"image {self._image}: the layer is not a WebAssembly module (too short)")
         digest = f"sha256:{self._hash.hexdigest()}"
@@ -186,6 +189,8 @@ class Ingest:
             os.fchmod(self._file.fd, 0o444)
             os.fsync(self._file.fd)  # most of the file is on its way to disk already: a short wait
             self._close()
+            if landing is not None:
+                landing(digest)
             return self._store.adopt(self.temp_path, digest, self._size)
 
     def _close(self) -> None:

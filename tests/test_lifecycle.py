@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import pytest
@@ -25,6 +25,13 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
+from csi_wasm.metrics import Metrics
+from csi_wasm.pins import Pins
+from csi_wasm.pull import ModuleRequest, Puller
+from csi_wasm.records import RecordStore
+from csi_wasm.reference import parse_reference
+from csi_wasm.registry import RegistryClient
+from csi_wasm.store import ModuleStore, StoredModule
 from csi_wasm.logs import EVENT_FIELDS
 from csi_wasm import syscalls
 from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
@@ -167,6 +174,42 @@ def test_gc_racing_publishes_never_breaks_a_publish(
     downloads = _sample(csi, "csi_wasm_pull_duration_seconds_count")
     assert 1 <= downloads <= len(removed), (downloads, removed)
     assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
+
+
+class _StoreCollectingOnArrival(ModuleStore):
+    """The real store, with the worst interleaving forced: a garbage collection runs the moment a module
+    appears under its name, before the download that brought it returns."""
+
+    collect: Callable[[], object] = staticmethod(lambda: None)
+
+    def adopt(self, temp_path: pathlib.Path, digest: str, size: int) -> StoredModule:
+        stored = super().adopt(temp_path, digest, size)
+        self.collect()
+        return stored
+
+
+@pytest.mark.parametrize("layout", ["raw", "compat"])
+def test_a_download_is_shielded_from_the_collector_before_it_appears_in_the_store(
+    tmp_path: pathlib.Path, pusher: Pusher, node_config: NodeConfig, layout: str
+) -> None:
+    module = make_module(5100, f"arrival-{layout}")
+    pushed = (pusher.wasm_artifact("lifecycle/arrival", "v1", module) if layout == "raw"
+              else pusher.compat_image("lifecycle/arrival-compat", "v1", module))  # fmt: skip
+    store = _StoreCollectingOnArrival(tmp_path / "store")
+    metrics = Metrics(process=False)
+    puller = Puller(store, RegistryClient(node_config), node_config.pull, metrics)
+    pins = Pins()
+    config = replace(node_config.store, gc_grace_seconds=0)  # nothing unreferenced is kept for its age
+    collector = GarbageCollector(store, RecordStore(tmp_path / "volumes"), pins, config, metrics,
+                                 protected=puller.recently_landed)  # fmt: skip
+    removed: list[str] = []
+    store.collect = lambda: removed.extend(collector.collect().removed)
+    try:
+        resolved = puller.ensure_pinned(ModuleRequest(parse_reference(pushed.reference)), pins)
+    finally:
+        puller.close()
+    assert removed == [] and store.has(resolved.digest) and sha256_digest(module) == resolved.digest
+    assert metrics.registry.get_sample_value("csi_wasm_pull_duration_seconds_count") == 1  # downloaded once
 
 
 class Recorded(logging.Handler):
