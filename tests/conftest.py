@@ -161,7 +161,7 @@ def code_of(call: object) -> grpc.StatusCode:
     """Run a zero-argument callable expected to fail with an RpcError; return its status code."""
     with pytest.raises(grpc.RpcError) as failure:
         call()  # type: ignore[operator]
-    return failure.value.code()  # type: ignore[no-any-return]
+    return failure.value.code()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
