@@ -22,12 +22,14 @@ Nothing here ever connects anywhere but the upstream it was given.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import http.server
 import re
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,9 +83,22 @@ class Exchange:
         self.write(body)
 
     def reset(self) -> None:
-        """Abort the connection with a TCP RST."""
+        """Abort the connection with a TCP RST, once the client's kernel has every byte written so far.
+
+        A close with SO_LINGER 0 throws away what is still in our send queue: without the wait, "reset after
+        N bytes" would be a reset after fewer, however many the client's kernel had received by then.
+        """
+        self._wait_until_acknowledged()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+    def _wait_until_acknowledged(self, give_up_after: float = 10.0) -> None:
+        """Until the send queue is empty (the client's kernel acknowledged it), the proxy is released, or a
+        client that stopped reading has had ``give_up_after`` seconds."""
+        deadline = time.monotonic() + give_up_after
+        while _unacknowledged_bytes(self.sock) > 0 and time.monotonic() < deadline:
+            if self.wait(0.001):
+                return
 
     def wait(self, seconds: float) -> bool:
         """Sleep unless the proxy is released or stopped; True if it was."""
@@ -91,6 +106,14 @@ class Exchange:
 
 
 Fault = Callable[[Exchange], None]
+
+
+def _unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (SIOCOUTQ); 0 once it is closed."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def passthrough(ex: Exchange) -> None:
@@ -116,7 +139,6 @@ def reset_after(count: int) -> Fault:
         code, headers, body = ex.upstream()
         ex.send_head(code, headers, len(body))
         ex.write(body[: min(count, max(len(body) - 1, 0))])
-        time.sleep(0.05)
         ex.reset()
 
     return fault

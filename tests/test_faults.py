@@ -269,6 +269,26 @@ def test_a_download_outlives_the_call_and_the_retry_joins_it(
     fault_csi.kubelet.unmount(volume)
 
 
+# -- the proxy's own faults ------------------------------------------------------
+
+
+def test_the_proxys_reset_comes_after_the_bytes_it_promised(proxy: fp.FaultProxy, pusher: Pusher) -> None:
+    """A reset throws away what is still in the proxy's send queue: the proxy waits until the client's kernel
+    has the promised bytes (3 MiB, more than the socket buffers hold), so "reset after N bytes" means N."""
+    large = pusher.wasm_artifact("faults/reset", "v1", make_module(4 * 1024 * 1024, "reset"))
+    promised = 3 * 1024 * 1024
+    proxy.add(request_pattern(large, "blob"), fp.reset_after(promised))
+    received = bytearray()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader: the proxy's queue fills
+        client.connect(("127.0.0.1", proxy.port))
+        client.sendall(f"GET /v2/faults/reset/blobs/{large.layer_digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1024):
+                received += chunk
+    assert len(received.partition(b"\r\n\r\n")[2]) == promised
+
+
 # -- retry arithmetic, driven directly ---------------------------------------------
 
 
