@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import grpc
 
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
+from csi_wasm.demo.processes import stop_gracefully
 from csi_wasm.topology import share_directory
 
 CALL_TIMEOUT = 120.0  # kubelet's per-call timeout
@@ -89,13 +89,7 @@ class DriverProcess:
     def stop(self, timeout: float = 60.0) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gracefully(self.process, timeout)
         self.process = None
         if self._log is not None:
             self._log.close()

@@ -27,6 +27,7 @@ from csi_wasm.config import (
     load_node_config,
     socket_path_of,
 )
+from csi_wasm.credentials import load_docker_config
 from csi_wasm.logs import configure, event
 
 if TYPE_CHECKING:
@@ -133,6 +134,8 @@ def _positive_int(text: str) -> int:
 def node_config(args: argparse.Namespace) -> NodeConfig:
     config = load_node_config(args.config) if args.config else NodeConfig()
     check_files(config)
+    if config.docker_config:  # read now, before anything is created: the driver reads it again at start
+        load_docker_config(pathlib.Path(config.docker_config))
     return config.with_insecure(getattr(args, "insecure_registry", []))
 
 
@@ -264,6 +267,10 @@ def _pull(args: argparse.Namespace) -> int:
                 module = puller.ensure(ModuleRequest(parse_reference(image)))
             except DriverError as exc:
                 print(f"{image}: FAILED: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - one line per image, and the others are still pulled
+                print(f"{image}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
             print(f"{image}: {module.digest} {module.size} bytes ({'already stored' if module.from_cache else 'pulled'})")

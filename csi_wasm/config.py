@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from csi_wasm.reference import DOCKER_HUB, InvalidHost, canonical_host
+from csi_wasm.errors import InvalidRequest
+from csi_wasm.reference import DOCKER_HUB, InvalidHost, canonical_host, parse_reference
 
 MiB = 1024 * 1024
 _DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -183,9 +184,18 @@ def socket_path_of(endpoint: str) -> str:
 def load_node_config(path: pathlib.Path) -> NodeConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read node config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read node config {path}: {_yaml_problem(exc)}") from exc
     return parse_node_config(raw)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line: PyYAML's own text spans several, quoting the file."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(exc, "problem", None) or type(exc).__name__)
 
 
 def parse_node_config(raw: Any) -> NodeConfig:
@@ -200,10 +210,21 @@ def parse_node_config(raw: Any) -> NodeConfig:
         pull=_section(data.get("pull", {}), PullConfig, "pull"),
         store=_section(data.get("store", {}), StoreConfig, "store"),
         docker_config=_optional_str(data.get("docker_config"), "docker_config"),
-        prepull=tuple(_str_list(data.get("prepull", []), "prepull")),
+        prepull=_prepull(data.get("prepull", [])),
         allowed_images=_image_patterns(data.get("allowed_images", [])),
         allowed_private_networks=_networks(data.get("allowed_private_networks", [])),
     )
+
+
+def _prepull(raw: Any) -> tuple[str, ...]:
+    """References checked here: a typo is an error at start, not a warning in the log after it."""
+    images = _str_list(raw, "prepull")
+    for index, image in enumerate(images):
+        try:
+            parse_reference(image)
+        except InvalidRequest as exc:
+            raise ConfigError(f"prepull[{index}]: {exc}") from None
+    return tuple(images)
 
 
 def _image_patterns(raw: Any) -> tuple[str, ...]:
@@ -256,6 +277,16 @@ def _registry(raw: Any, where: str) -> RegistryHostConfig:
     )
 
 
+# Where 0 would not switch something off but stop the driver working: a collector that never sleeps,
+# requests that time out before they start, limits no manifest or module fits under, every cold publish
+# refused. (0 attempts or download workers count as 1.)
+_ABOVE_ZERO = {
+    "pull": ("connect_timeout_seconds", "read_timeout_seconds", "download_timeout_seconds", "max_manifest_bytes",
+             "max_module_bytes", "max_buffered_bytes", "max_pulling_publishes", "max_pulling_publishes_per_registry"),
+    "store": ("gc_interval_seconds",),
+}  # fmt: skip
+
+
 def _section(raw: Any, cls: type, where: str) -> Any:
     data = _mapping(raw, where)
     _reject_unknown(data, cls, where)
@@ -267,6 +298,8 @@ def _section(raw: Any, cls: type, where: str) -> Any:
             raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}.{key}: must not be negative, got {value!r}")
+        if value == 0 and key in _ABOVE_ZERO.get(where, ()):
+            raise ConfigError(f"{where}.{key}: must be above 0, got {value!r}")
         values[key] = expected(value)
     return cls(**values)
 

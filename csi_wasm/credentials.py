@@ -25,6 +25,10 @@ from csi_wasm.errors import InvalidRequest
 from csi_wasm.reference import InvalidHost, canonical_host
 
 
+# Registry tokens used as passwords run to a few KiB; no registry front accepts a header near this.
+MAX_CREDENTIAL_CHARS = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str
@@ -62,7 +66,7 @@ def keychain_from_secrets(secrets: Mapping[str, str], registry: str) -> Credenti
         username, password = secrets.get("username"), secrets.get("password")
         if not isinstance(username, str) or not username or not isinstance(password, str):
             raise InvalidRequest("nodePublishSecretRef: a secret with 'username' needs 'password' too")
-        return Credentials(username, password)
+        return _bounded(username, password, "nodePublishSecretRef", "")
     if ".dockerconfigjson" in secrets:
         auths = _json(secrets[".dockerconfigjson"], ".dockerconfigjson").get("auths", {})
         return parse_auths(auths, ".dockerconfigjson").lookup(registry)
@@ -115,7 +119,7 @@ def _entry(entry: Any, where: str, host: str) -> Credentials | None:
         if not isinstance(username, str) or not isinstance(password, str):
             raise InvalidRequest(f"{where}: 'username' and 'password' for {host} must both be strings")
         if username:
-            return Credentials(username, password)
+            return _bounded(username, password, where, f" for {host}")
     if auth is None or auth == "":
         return None
     if not isinstance(auth, str):
@@ -126,7 +130,19 @@ def _entry(entry: Any, where: str, host: str) -> Credentials | None:
         raise InvalidRequest(f"{where}: 'auth' for {host} is not base64 of user:password") from None
     if not colon or not user:
         raise InvalidRequest(f"{where}: 'auth' for {host} decodes to no user:password pair")
-    return Credentials(user, secret)
+    return _bounded(user, secret, where, f" for {host}")
+
+
+def _bounded(username: str, password: str, where: str, entry: str) -> Credentials:
+    """Credentials that fit in a request header. Longer ones are refused by the registry's front (HTTP 431
+    or 400), which reads as a registry failure and is retried for ever; here the Secret is named instead."""
+    for name, value in (("username", username), ("password", password)):
+        if len(value) > MAX_CREDENTIAL_CHARS:
+            raise InvalidRequest(
+                f"{where}: the {name}{entry} is {len(value)} characters; at most {MAX_CREDENTIAL_CHARS} fit in a "
+                "request header (is the Secret the right one?)"
+            )
+    return Credentials(username, password)
 
 
 def _normalise(host: str) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, Protocol
 
 from csi_wasm.config import StoreConfig
-from csi_wasm.logs import event
+from csi_wasm.logs import EVENT_FIELDS, event
 from csi_wasm.metrics import Metrics
 from csi_wasm.records import RecordStore
 from csi_wasm.store import ModuleStore
@@ -87,13 +87,14 @@ class GarbageCollector:
                     referenced += 1
                     continue
                 self.store.remove(module.digest)
+            # counted as each goes: a pass that fails on a later module has still freed these
+            self.metrics.gc_evictions.inc()
+            self.metrics.gc_bytes.inc(module.size)
             removed.append(module.digest)
             freed += module.size
             excess -= module.size
             event(log, "gc.evicted", digest=module.digest, bytes=module.size,
                   unused_seconds=round(now - module.last_used), over_cap=excess + module.size > 0)  # fmt: skip
-        self.metrics.gc_evictions.inc(len(removed))
-        self.metrics.gc_bytes.inc(freed)
         manifests = self.store.forget_orphan_manifests()  # after the modules: their entries go with them
         tags = self.store.forget_orphan_tags()  # after the manifest entries, for the same reason
         report = GcReport(tuple(removed), freed, referenced, in_grace, total - freed, manifests, tags)
@@ -112,7 +113,14 @@ class GarbageCollector:
             self._wake.clear()
             if stop.is_set():
                 return
-            try:
-                self.collect()
-            except OSError:
-                log.exception("garbage collection failed; will retry at the next interval")
+            self._collect_or_count_the_failure(interval)
+
+    def _collect_or_count_the_failure(self, interval: float) -> None:
+        """One pass of the loop. The loop must outlive any pass (a store on a filesystem gone read-only,
+        a module file something holds): a failure is counted, logged with its trace, and tried again."""
+        try:
+            self.collect()
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the next interval tries again
+            self.metrics.gc_errors.inc()
+            fields = {"error": f"{type(exc).__name__}: {exc}", "retry_in_seconds": interval}
+            log.error("gc.failed", exc_info=True, extra={EVENT_FIELDS: fields})

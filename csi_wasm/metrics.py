@@ -56,6 +56,9 @@ class Metrics:
         self.cache_lookups = Counter("csi_wasm_cache_lookups", "Store lookups by outcome", ["outcome"], registry=r)
         self.gc_evictions = Counter("csi_wasm_gc_evictions", "Modules removed by garbage collection", registry=r)
         self.gc_bytes = Counter("csi_wasm_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
+        self.gc_errors = Counter(
+            "csi_wasm_gc_errors", "Garbage collection passes that failed (tried again at the next interval)", registry=r
+        )
         self.repairs = Counter("csi_wasm_start_repairs", "Inconsistencies repaired at start", ["kind"], registry=r)
         self.ready = Gauge("csi_wasm_ready", "1 once the driver has recovered its state and serves publishes", registry=r)
         self._start_at_zero()

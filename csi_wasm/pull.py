@@ -6,7 +6,8 @@ the hot path makes no network call, and otherwise pulls, if ``Admission`` lets i
 (a bounded number of publishes may wait on registries, per registry too). Downloads
 are single-flight per layer digest and origin and run on their own workers, shared
 fairly between registries (``FairDownloads``), so a download outlives the gRPC call
-that started it and kubelet's retry joins it.
+that started it and kubelet's retry joins it. What a download does with the bytes (caps, digest
+checks, the compat tar+gzip layer) is ``csi_wasm.layerfetch``.
 
 A module already in the store is handed to a pod only under the access rule of
 ``csi_wasm.access`` (applied in ``_from_store``, at the ``known`` shortcut of
@@ -20,15 +21,10 @@ import concurrent.futures
 import contextlib
 import enum
 import functools
-import hashlib
-import io
-import logging
-import posixpath
 import threading
 import time
-import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from csi_wasm.access import AccessRecords, AccessRule, Decision, ProofCache
 from csi_wasm.admission import Admission
@@ -43,11 +39,10 @@ from csi_wasm.errors import (
     RegistryError,
     RegistryTimeout,
     TooLarge,
-    UnsupportedLayout,
 )
 from csi_wasm.downloads import FairDownloads
+from csi_wasm.layerfetch import LayerFetcher
 from csi_wasm.layouts import ModuleLayer, is_index, select_from_index, select_module_layer
-from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.pins import Pins
 from csi_wasm.reference import Reference
@@ -55,12 +50,7 @@ from csi_wasm.registry import FetchedManifest, RegistryClient
 from csi_wasm.resolutions import ResolutionKey, Resolutions
 from csi_wasm.signatures import SignatureVerifier
 from csi_wasm.store import ManifestEntry, ModuleStore, StoredModule
-from csi_wasm.tarstream import TarStream
 
-log = logging.getLogger("csi_wasm.pull")
-MODULE_IN_TAR = "plugin.wasm"
-# A gzip layer may not inflate past this many times the module cap (gzip bomb guard).
-INFLATE_FACTOR = 4
 PIN_ATTEMPTS = 3
 # A module that has just landed is kept from the GC this long (monotonic), so the publishes
 # that waited for it can pin it: the collector deletes only under the pins lock, never these.
@@ -134,6 +124,7 @@ class Puller:
         self._admission = admission or Admission(
             config.max_pulling_publishes, config.max_pulling_publishes_per_registry
         )
+        self._layers = LayerFetcher(store, client, config, metrics)
         self._downloads = FairDownloads(config.max_concurrent_downloads, config.max_concurrent_downloads_per_registry)
 
     def close(self) -> None:
@@ -366,7 +357,7 @@ class Puller:
         existing = self._shareable_copy(ref, layer, creds)
         if existing is not None:
             return existing
-        if layer.size > self._layer_cap(layer):
+        if layer.size > self._layers.cap(layer):
             raise TooLarge(
                 f"image {ref}: module layer is {layer.size} bytes, over the node's limit of "
                 f"{self._config.max_module_bytes}"
@@ -414,7 +405,9 @@ class Puller:
         return existing
 
     def _download_from_origin(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
-        stored = self._run_download(ref, layer, creds)
+        stored = self._layers.fetch(ref, layer, creds)
+        with self._lock:
+            self._landed[stored.digest] = time.monotonic()
         self._access.downloaded(stored.digest, ref, creds)  # durable before anyone is handed the module
         return stored
 
@@ -423,159 +416,8 @@ class Puller:
             if flight is None or self._flights.get(key) is flight:
                 self._flights.pop(key, None)
 
-    def _layer_cap(self, layer: ModuleLayer) -> int:
-        return self._config.max_module_bytes * (INFLATE_FACTOR if layer.packaging == "tar+gzip" else 1)
-
-    def _run_download(self, ref: Reference, layer: ModuleLayer, creds: Credentials | None) -> StoredModule:
-        started = time.monotonic()
-        self._metrics.pulls_in_flight.inc()
-        event(log, "pull.start", image=str(ref), layer=layer.digest, layout=layer.layout, bytes=layer.size)
-        steps = _Steps()
-        try:
-            with self._client.open_blob(ref, layer.digest, creds, layer.size) as blob:
-                steps.headers_s = time.monotonic() - started
-                counted = _counting(iter(blob), self._metrics, steps)
-                if layer.packaging == "raw":
-                    stored = self._store_raw(ref, layer, counted, steps)
-                else:
-                    stored = self._store_from_tar(ref, layer, counted)
-        except DriverError as exc:
-            event(log, "pull.failed", logging.WARNING, image=str(ref), layer=layer.digest, reason=exc.reason,
-                  error=str(exc), seconds=round(time.monotonic() - started, 3))  # fmt: skip
-            raise
-        finally:
-            self._metrics.pulls_in_flight.dec()
-        seconds = time.monotonic() - started
-        with self._lock:
-            self._landed[stored.digest] = time.monotonic()
-        self._metrics.pull_seconds.observe(seconds)
-        event(log, "pull.done", image=str(ref), digest=stored.digest, bytes=stored.size, seconds=round(seconds, 3),
-              headers_s=round(steps.headers_s, 4), read_s=round(steps.read_s, 4),
-              commit_s=round(steps.commit_s, 4))  # fmt: skip
-        return stored
-
-    def _store_raw(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes], steps: _Steps) -> StoredModule:
-        with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
-            for chunk in chunks:
-                ingest.write(chunk)
-            committing = time.monotonic()
-            stored = ingest.commit(expected_digest=layer.digest)
-            steps.commit_s = time.monotonic() - committing
-            return stored
-
-    def _store_from_tar(self, ref: Reference, layer: ModuleLayer, chunks: Iterator[bytes]) -> StoredModule:
-        reader = _GunzipReader(chunks, self._layer_cap(layer), str(ref))
-        with self._store.ingest(str(ref), self._config.max_module_bytes, layer.size) as ingest:
-            try:
-                self._extract_module(ref, TarStream(reader.read, str(ref)), ingest.write)
-            except zlib.error as exc:
-                raise UnsupportedLayout(f"image {ref}: the compat layer is not a valid tar+gzip: {exc}") from exc
-            reader.drain()
-            if reader.digest != layer.digest:
-                raise DigestMismatch(
-                    f"image {ref}: layer content digest {reader.digest} does not match the manifest's {layer.digest}"
-                )
-            return ingest.commit(expected_digest=None)
-
-    def _extract_module(self, ref: Reference, archive: TarStream, write: Callable[[bytes], None]) -> None:
-        for member in archive:
-            if posixpath.basename(member.name.rstrip("/")) != MODULE_IN_TAR:
-                continue
-            # names are never used as paths here, but a crafted one says the layer is hostile
-            if member.name.startswith("/") or ".." in member.name.split("/"):
-                raise UnsupportedLayout(
-                    f"image {ref}: compat layer entry {member.name[:100]!r} is absolute or climbs out with '..'"
-                )
-            if member.kind != "file":
-                raise UnsupportedLayout(
-                    f"image {ref}: {member.name[:100]!r} in the compat layer is not a regular file ({member.kind})"
-                )
-            if member.size > self._config.max_module_bytes:
-                raise TooLarge(
-                    f"image {ref}: {member.name[:100]!r} is {member.size} bytes, over the node's limit of "
-                    f"{self._config.max_module_bytes}"
-                )
-            for chunk in archive.data(member):
-                write(chunk)
-            return
-        raise UnsupportedLayout(f"image {ref}: the compat layer holds no {MODULE_IN_TAR}")
-
 
 def _merge_auth(child: FetchedManifest, parent: FetchedManifest) -> FetchedManifest:
     if parent.used_credentials and not child.used_credentials:
         return FetchedManifest(child.digest, child.media_type, child.body, True)
     return child
-
-
-@dataclass
-class _Steps:
-    """Where a download's time went, logged with ``pull.done``: the registry's answer (connect, auth,
-    headers), the socket reads, and the commit (the last hash, fsync, rename). The rest of ``seconds``
-    is writing into the store, with the hash running beside it."""
-
-    headers_s: float = 0.0
-    read_s: float = 0.0
-    commit_s: float = 0.0
-
-
-def _counting(chunks: Iterator[bytes], metrics: Metrics, steps: _Steps) -> Iterator[bytes]:
-    while True:
-        reading = time.monotonic()
-        chunk = next(chunks, None)
-        steps.read_s += time.monotonic() - reading
-        if chunk is None:
-            return
-        metrics.pull_bytes.inc(len(chunk))
-        yield chunk
-
-
-class _GunzipReader(io.RawIOBase):
-    """A file-like view of a gzip stream: hashes the compressed bytes, caps the inflated ones."""
-
-    def __init__(self, chunks: Iterator[bytes], max_inflated: int, image: str) -> None:
-        self._chunks = chunks
-        self._hash = hashlib.sha256()
-        self._inflate = zlib.decompressobj(wbits=31)
-        self._buffer = bytearray()  # del from the front is amortised O(1) for bytearray
-        self._inflated = 0
-        self._max_inflated = max_inflated
-        self._image = image
-        self._eof = False
-
-    @property
-    def digest(self) -> str:
-        return f"sha256:{self._hash.hexdigest()}"
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buffer and not self._eof:
-            self._fill()
-        size = min(len(target), len(self._buffer))
-        target[:size] = self._buffer[:size]
-        del self._buffer[:size]
-        return size
-
-    def drain(self) -> None:
-        """Hash the rest of the layer (without inflating it) so the digest covers every byte."""
-        for compressed in self._chunks:
-            self._hash.update(compressed)
-        self._eof = True
-
-    def _fill(self) -> None:
-        # at most 1 MiB inflated per call, so a bomb never sits in memory
-        if self._inflate.unconsumed_tail:
-            data = self._inflate.decompress(self._inflate.unconsumed_tail, 1024 * 1024)
-        else:
-            compressed = next(self._chunks, None)
-            if compressed is None:
-                self._eof = True
-                data = self._inflate.flush()
-            else:
-                self._hash.update(compressed)
-                data = self._inflate.decompress(compressed, 1024 * 1024)
-        self._inflated += len(data)
-        if self._inflated > self._max_inflated:
-            raise TooLarge(f"image {self._image}: the compat layer inflates past {self._max_inflated} bytes")
-        self._buffer += data

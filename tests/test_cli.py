@@ -15,15 +15,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
 import grpc
 import pytest
 
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
+from csi_wasm import syscalls
 from csi_wasm.cli import build_parser
 from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig, StoreConfig
+from csi_wasm.demo.push import Pusher
+from csi_wasm.demo.registry import LocalRegistry
+from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.mounts import unmount_path
 from csi_wasm.topology import share_directory
 
@@ -31,6 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "csi-wasm"
 COMMAND = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "csi_wasm"]
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+# the driver's `recovered` event in either log format: it turns ready right after
+RECOVERED = re.compile(r'^\S+ info +recovered( |$)|"event": "recovered"')
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -164,6 +170,53 @@ def test_a_missing_kubelet_dir_is_a_warning_at_start(node: pathlib.Path) -> None
     assert len(warnings) == 1 and '"level": "warning"' in warnings[0], driver.stderr
     assert str(node / "no-kubelet-here") in warnings[0]
     assert not (node / "no-kubelet-here").exists()
+
+
+# -- `csi-wasm pull`: one line per image, exit 1 if any failed -------------------------------------
+
+
+def failures(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The pull's own lines on stderr (the log shares it, at the default level)."""
+    return [line for line in result.stderr.splitlines() if ": FAILED: " in line]
+
+
+def test_a_pull_that_fails_for_some_images_exits_1_and_names_each(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    module = make_module(3000, "cli-pull")
+    good = pusher.wasm_artifact("cli/pull", "good", module)
+    missing = f"{registry.host}/cli/pull:missing"
+    state = ["--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host]
+    result = run("pull", *state, missing, good.reference, "Not A Reference")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [f"{good.reference}: {good.module_digest} 3000 bytes (pulled)"]
+    failed = failures(result)
+    assert len(failed) == 2 and "Traceback" not in result.stderr, result.stderr
+    assert failed[0].startswith(f"{missing}: FAILED: ") and "not found in registry" in failed[0]
+    assert failed[1].startswith("Not A Reference: FAILED: ") and "invalid repository path" in failed[1]
+    again = run("pull", *state, good.reference)
+    assert again.returncode == 0 and failures(again) == []
+    assert again.stdout.splitlines() == [f"{good.reference}: {good.module_digest} 3000 bytes (already stored)"]
+
+
+def test_a_pull_onto_a_read_only_store_names_the_error_and_goes_on(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    stored = pusher.wasm_artifact("cli/pull", "stored", make_module(3100, "cli-pull-stored"))
+    new = pusher.wasm_artifact("cli/pull", "new", make_module(3200, "cli-pull-new"))
+    state = ["--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host]
+    assert run("pull", *state, stored.reference).returncode == 0
+    tmp = tmp_path / "state" / "store" / "tmp"
+    syscalls.mount(bytes(tmp), bytes(tmp), syscalls.MS_BIND)  # the store's filesystem gone read-only
+    try:
+        syscalls.mount(b"none", bytes(tmp), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        result = run("pull", *state, new.reference, stored.reference)
+    finally:
+        unmount_path(tmp)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (failed,) = failures(result)
+    assert failed.startswith(f"{new.reference}: FAILED: OSError: ") and "Read-only file system" in failed
+    assert result.stdout.splitlines() == [f"{stored.reference}: {stored.module_digest} 3100 bytes (already stored)"]
 
 
 # -- the socket: only a stale one is replaced ---------------------------------------------------
@@ -334,13 +387,28 @@ def answering_node(sock: pathlib.Path) -> str:
 
 
 class Driver:
-    """`csi-wasm serve` in a subprocess; stderr collected to a file so it can be read while it runs."""
+    """`csi-wasm serve` in a subprocess. Its stderr is read line by line as it comes (a thread, a condition),
+    so a test waits for the line it needs, an event, and never for a while."""
 
     def __init__(self, args: list[str], sock: pathlib.Path) -> None:
         self._sock = sock
-        self._log = sock.parent.parent / f"driver-{time.monotonic_ns()}.log"
-        with open(self._log, "wb") as log:
-            self._process = subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL, stderr=log, env=BASE_ENV)
+        self._process = subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         env=BASE_ENV)  # fmt: skip
+        self._lines: list[str] = []
+        self._ended = False  # stderr closed: the process has exited
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"stderr-{self._process.pid}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stderr is not None
+        for raw in self._process.stderr:
+            with self._arrived:
+                self._lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._arrived.notify_all()
+        with self._arrived:
+            self._ended = True
+            self._arrived.notify_all()
 
     @property
     def pid(self) -> int:
@@ -348,37 +416,39 @@ class Driver:
 
     @property
     def stderr(self) -> str:
-        return self._log.read_text()
+        return "\n".join(self.stderr_lines())
 
     def stderr_lines(self) -> list[str]:
-        return self.stderr.splitlines()
+        with self._arrived:
+            return list(self._lines)
 
     def wait_for_line(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr:
-            assert self._process.poll() is None, f"driver exited {self._process.returncode}: {self.stderr}"
-            assert time.monotonic() < deadline, f"no {text} in the driver's log: {self.stderr}"
-            time.sleep(0.05)
+        self._wait_for(lambda line: text in line, text, timeout)
+
+    def _wait_for(self, matches: Callable[[str], bool], what: str, timeout: float) -> None:
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._ended or any(map(matches, self._lines)), timeout)
+            found = any(map(matches, self._lines))
+        why = f"it exited {self._process.poll()}" if self._ended else f"not within {timeout} s"
+        assert found, f"no {what} in the driver's log ({why}): {self.stderr}"
 
     def wait_ready(self, timeout: float = 30) -> str:
-        """Wait until this driver answers on the socket and Probe says ready; return its node id."""
-        self.wait_for_line("serving", timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with grpc.insecure_channel(f"unix://{self._sock}") as channel:
-                    ready = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
-                if ready:
-                    return answering_node(self._sock)
-            except grpc.RpcError:
+        """Wait for the driver's `recovered` event, then for Probe to say ready; return its node id."""
+        self._wait_for(lambda line: bool(RECOVERED.search(line)), "recovered event", timeout)
+        with grpc.insecure_channel(f"unix://{self._sock}") as channel:
+            probe = csi_pb2_grpc.IdentityStub(channel).Probe
+            # ready is set a few instructions after the event is logged: ask again until it shows (each ask is
+            # a round trip on the socket, no pause; the loop is bounded by the calls' own timeout)
+            while not probe(csi_pb2.ProbeRequest(), timeout=timeout, wait_for_ready=True).ready.value:
                 pass
-            assert time.monotonic() < deadline, self.stderr
-            time.sleep(0.05)
+        return answering_node(self._sock)
 
     def terminate(self) -> int:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
-        return self._process.wait(60)
+        code = self._process.wait(60)
+        self._reader.join(30)  # every line the driver wrote is read
+        return code
 
     def __enter__(self) -> Driver:
         return self
@@ -387,3 +457,4 @@ class Driver:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait(30)
+        self._reader.join(30)

@@ -462,3 +462,21 @@ def test_readme_troubleshooting_explains_every_status_the_driver_returns() -> No
     codes = {code.name for _, code in STATUS_BY_ERROR} | {grpc.StatusCode.INTERNAL.name}
     for code in codes:
         assert f"`{code}`" in troubleshooting, f"{code} is not explained"
+
+
+def test_readme_layout_names_every_module() -> None:
+    """"Where does a publish go?" is answered by the layout table only while it names every module."""
+    layout = readme_section("Layout: where does a publish go?")
+    named: set[str] = set()
+    for row in re.findall(r"^\| (`csi_wasm/[^|]+)\|", layout, re.M):
+        cells = re.findall(r"`([^`]+)`", row)
+        folder = cells[0].rsplit("/", 1)[0] + "/" if cells[0].endswith(".py") else cells[0]
+        named |= {cell if cell.startswith("csi_wasm/") else folder + cell for cell in cells}
+    package = ROOT / "csi_wasm"
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in package.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py") and "_gen" not in path.parts
+    }
+    missing = {m for m in modules if m not in named and m.rsplit("/", 1)[0] + "/" not in named}
+    assert not missing, f"the README's layout table does not name {sorted(missing)}"

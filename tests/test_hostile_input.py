@@ -36,12 +36,12 @@ from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.errors import AccessDenied, ContentError, InvalidRequest, TooLarge, UnsupportedLayout
+from csi_wasm.layerfetch import LayerFetcher
 from csi_wasm.layouts import ModuleLayer
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import LinuxMounter, unmount_path
 from csi_wasm.policy import ImagePolicy
 from csi_wasm.publish import KNOWN_ATTRIBUTES, MAX_PATH_BYTES, VolumeSpec
-from csi_wasm.pull import Puller
 from csi_wasm.reference import parse_reference
 from csi_wasm.store import ModuleStore
 from csi_wasm.tarstream import MAX_METADATA_BYTES
@@ -210,11 +210,12 @@ def test_target_paths_stay_in_the_pods_tree(hostile_csi: RunningDriver, planted:
 
 
 @pytest.fixture(scope="module")
-def tar_puller(tmp_path_factory: pytest.TempPathFactory) -> tuple[Puller, ModuleStore, pathlib.Path]:
+def tar_fetcher(tmp_path_factory: pytest.TempPathFactory) -> tuple[LayerFetcher, ModuleStore, pathlib.Path]:
     sandbox = tmp_path_factory.mktemp("tar-sandbox")
     store = ModuleStore(sandbox / "store")
-    puller = Puller(store, object(), PullConfig(max_module_bytes=64 * 1024), Metrics(process=False))  # type: ignore[arg-type]
-    return puller, store, sandbox
+    # no registry: the tests hand the layer's bytes straight to store_from_tar
+    fetcher = LayerFetcher(store, object(), PullConfig(max_module_bytes=64 * 1024), Metrics(process=False))  # type: ignore[arg-type]
+    return fetcher, store, sandbox
 
 
 def _layer(data: bytes) -> ModuleLayer:
@@ -262,9 +263,9 @@ def _expected(members: list[tuple[str, str, bytes]]) -> bytes | None:
 
 
 def test_compat_layers_never_write_outside_the_store(
-    tar_puller: tuple[Puller, ModuleStore, pathlib.Path],
+    tar_fetcher: tuple[LayerFetcher, ModuleStore, pathlib.Path],
 ) -> None:
-    puller, store, sandbox = tar_puller
+    fetcher, store, sandbox = tar_fetcher
     ref = parse_reference("registry.example/hostile/tar:v1")
     before = {p for p in sandbox.parent.iterdir()}
 
@@ -275,7 +276,7 @@ def test_compat_layers_never_write_outside_the_store(
         layer_bytes = _tar(members)
         expected = _expected(members)
         try:
-            stored = puller._store_from_tar(ref, _layer(layer_bytes), _chunks(layer_bytes))
+            stored = fetcher.store_from_tar(ref, _layer(layer_bytes), _chunks(layer_bytes))
         except ContentError as exc:
             assert expected is None, (members, exc)
         else:
@@ -289,8 +290,8 @@ def test_compat_layers_never_write_outside_the_store(
     assert {p.name for p in store.root.iterdir()} <= {"modules", "views", "manifests", "tmp", "tags", "pins", "access", "seals"}
 
 
-def test_a_gzip_bomb_is_refused_early(tar_puller: tuple[Puller, ModuleStore, pathlib.Path]) -> None:
-    puller, store, _ = tar_puller
+def test_a_gzip_bomb_is_refused_early(tar_fetcher: tuple[LayerFetcher, ModuleStore, pathlib.Path]) -> None:
+    fetcher, store, _ = tar_fetcher
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
     header = tarfile.TarInfo("plugin.wasm")
     header.size = 1 << 30  # claims a GiB of zeros
@@ -303,13 +304,13 @@ def test_a_gzip_bomb_is_refused_early(tar_puller: tuple[Puller, ModuleStore, pat
     chunks = list(_chunks(bomb))
     read = iter(chunks)
     with pytest.raises(TooLarge, match="inflates past"):
-        puller._store_from_tar(parse_reference("registry.example/hostile/bomb:v1"), _layer(bomb), read)
+        fetcher.store_from_tar(parse_reference("registry.example/hostile/bomb:v1"), _layer(bomb), read)
     assert len(list(read)) == len(chunks) - 1  # refused on the first chunk of the layer, not after 64 MiB
     assert not any(store.tmp_dir.iterdir())
 
 
-def test_a_huge_pax_header_is_refused(tar_puller: tuple[Puller, ModuleStore, pathlib.Path]) -> None:
-    puller, store, _ = tar_puller
+def test_a_huge_pax_header_is_refused(tar_fetcher: tuple[LayerFetcher, ModuleStore, pathlib.Path]) -> None:
+    fetcher, store, _ = tar_fetcher
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
         info = tarfile.TarInfo("plugin.wasm")
@@ -318,7 +319,7 @@ def test_a_huge_pax_header_is_refused(tar_puller: tuple[Puller, ModuleStore, pat
         archive.addfile(info, io.BytesIO(MODULE))
     layer = gzip.compress(raw.getvalue())
     with pytest.raises(TooLarge):
-        puller._store_from_tar(parse_reference("registry.example/hostile/pax:v1"), _layer(layer), _chunks(layer))
+        fetcher.store_from_tar(parse_reference("registry.example/hostile/pax:v1"), _layer(layer), _chunks(layer))
 
 
 # -- through gRPC --------------------------------------------------------------------------

@@ -11,23 +11,29 @@ from __future__ import annotations
 import ipaddress
 import pathlib
 import socket
+import time
 from typing import Iterator
 
 import grpc
 import pytest
 
 import faultproxy as fp
-from conftest import PRIVATE_AUTH, RunningDriver, fast_pull_config, start_driver, stop_driver
-from csi_wasm.config import ConfigError, NodeConfig, RegistryHostConfig, parse_node_config
+from conftest import DRIVER_NAME, PRIVATE_AUTH, RunningDriver, fast_pull_config, start_driver, stop_driver
+from csi_wasm.config import ConfigError, DriverConfig, NodeConfig, RegistryHostConfig, parse_node_config
+from csi_wasm.demo.kubelet import Kubelet
 from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import AccessDenied
 from csi_wasm.policy import ImagePolicy, validate_pattern
 from csi_wasm.reference import parse_reference
-from csi_wasm.registry import forbidden_reason, refuse_forbidden_host
+from csi_wasm.registry import RegistryClient, forbidden_reason, refuse_forbidden_host
+from csi_wasm.server import BackgroundServer, Driver
+from csi_wasm.servicers import NO_DEADLINE_SECONDS
+from csi_wasm.topology import share_directory
 
 MODULE = make_module(8 * 1024, "hostile-registry")
+MiB = 1024 * 1024
 CREDS = {"username": PRIVATE_AUTH.username, "password": PRIVATE_AUTH.password}
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
@@ -419,6 +425,39 @@ HOSTILE_MANIFESTS = [
     ("a platform that is a list (index)",
      _manifest(mediaType="application/vnd.oci.image.index.v1+json",
                manifests=[{"digest": "sha256:" + "2" * 64, "platform": ["wasm"]}] * 2), "expected exactly one"),
+    ("a schema 1 media type", _manifest(mediaType="application/vnd.docker.distribution.manifest.v1+prettyjws",
+                                        layers=[GOOD_LAYER]), "unsupported manifest media type"),
+    ("an image config's media type", _manifest(mediaType="application/vnd.oci.image.config.v1+json",
+                                               layers=[GOOD_LAYER]), "unsupported manifest media type"),
+    ("no layers", _manifest(layers=[]), "the manifest has no layers"),
+    ("layers missing", _manifest(), "the manifest has no layers"),
+    ("layers that are not objects", _manifest(layers=["application/wasm", 7, None]), "the manifest has no layers"),
+    ("two module layers of two layouts", _manifest(layers=[
+        GOOD_LAYER, GOOD_LAYER | {"mediaType": "application/vnd.module.wasm.content.layer.v1+wasm"}]), "2 Wasm layers"),
+    ("only a tar layer that is not last", _manifest(layers=[
+        GOOD_LAYER | {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"},
+        GOOD_LAYER | {"mediaType": "text/plain"}]), "layer media types: application/vnd.oci.image.layer.v1.tar+gzip, text/plain"),
+    ("a negative size", _manifest(layers=[GOOD_LAYER | {"size": -1}]), "no valid size"),
+    ("a size that is true", _manifest(layers=[GOOD_LAYER | {"size": True}]), "no valid size"),
+    ("a size that is a float", _manifest(layers=[GOOD_LAYER | {"size": 10.5}]), "no valid size"),
+    ("no size", _manifest(layers=[{k: v for k, v in GOOD_LAYER.items() if k != "size"}]), "no valid size"),
+    ("a size of 2**62", _manifest(layers=[GOOD_LAYER | {"size": 2**62}]), "over the node's limit"),
+    ("a sha512 digest", _manifest(layers=[GOOD_LAYER | {"digest": "sha512:" + "1" * 128}]), "not a sha256 digest"),
+    ("a sha256 digest in upper case", _manifest(layers=[GOOD_LAYER | {"digest": "sha256:" + "A" * 64}]),
+     "not a sha256 digest"),
+    ("a sha256 digest one digit short", _manifest(layers=[GOOD_LAYER | {"digest": "sha256:" + "1" * 63}]),
+     "not a sha256 digest"),
+    ("a digest that is a path", _manifest(layers=[GOOD_LAYER | {"digest": "sha256:../../../etc/passwd"}]),
+     "not a sha256 digest"),
+    ("no manifests (index)", _manifest(mediaType="application/vnd.oci.image.index.v1+json", manifests=[]),
+     "lists no manifests"),
+    ("a sha512 child (index)", _manifest(mediaType="application/vnd.oci.image.index.v1+json",
+                                         manifests=[{"digest": "sha512:" + "2" * 128, "platform": {"os": "wasip1"}}]),
+     "not a sha256 digest"),
+    ("two wasm children (index)", _manifest(mediaType="application/vnd.docker.distribution.manifest.list.v2+json",
+                                            manifests=[{"digest": "sha256:" + "2" * 64, "platform": {"os": "wasip1"}},
+                                                       {"digest": "sha256:" + "3" * 64, "platform": {"architecture": "wasm"}}]),
+     "2 for platform wasm"),
 ]  # fmt: skip
 
 
@@ -430,6 +469,20 @@ def test_hostile_manifests_are_refused_precisely(
     code, detail = _code(proxied_csi, _image(pushed, proxy.host))
     assert (code, message in detail) == (FAILED, True), detail
     _nothing_left(proxied_csi)
+
+
+def test_a_config_descriptor_claiming_exabytes_is_never_fetched(
+    proxy: fp.FaultProxy, proxied_csi: RunningDriver, pushed: Pushed
+) -> None:
+    """Only the module's layer is read: a config that would exhaust the disk or the memory costs nothing."""
+    layer = {"mediaType": "application/wasm", "digest": pushed.layer_digest, "size": len(MODULE)}
+    config = {"mediaType": "application/vnd.wasm.config.v0+json", "digest": "sha256:" + "3" * 64, "size": 2**62}
+    proxy.add(r"^GET /v2/hostile/registry/manifests/",
+              fp.status(200, {"Content-Type": "application/json"}, _manifest(config=config, layers=[layer])))  # fmt: skip
+    volume = proxied_csi.inline({"image": _image(pushed, proxy.host)})
+    assert (proxied_csi.kubelet.mount(volume, timeout=20) / "plugin.wasm").read_bytes() == MODULE
+    assert proxy.count(r"/blobs/sha256:3333") == 0 and proxy.count(rf"^GET /v2/hostile/registry/blobs/{layer['digest']}") == 1
+    proxied_csi.kubelet.unmount(volume)
 
 
 TOKEN_ANSWERS = [
@@ -450,6 +503,11 @@ TOKEN_ANSWERS = [
     ("headers dripped", fp.drip_headers(0.5), UNAVAILABLE, "deadline"),
     ("HTTP 401", fp.status(401), DENIED, "refused the pod credentials"),
     ("HTTP 503", fp.status(503), UNAVAILABLE, "gave up after 2 attempts"),
+    ("HTTP 500 with a 1 MiB body", fp.status(500, {}, b"e" * MiB), UNAVAILABLE, "answered HTTP 500 (gave up after 2"),
+    ("HTTP 500 with an endless body", fp.endless_chunked(code=500, fill=b"e"), UNAVAILABLE,
+     "answered HTTP 500 (gave up after 2"),
+    ("HTTP 404", fp.status(404), UNAVAILABLE, "token service answered HTTP 404"),
+    ("HTTP 403", fp.status(403), DENIED, "refused the pod credentials"),
     ("a redirect", fp.redirect_to("http://169.254.169.254/token"), UNAVAILABLE, "answered HTTP 307"),
     ("expires_in that is a word", fp.status(200, {}, b'{"token": "ok", "expires_in": "soon"}'), None, ""),
     ("expires_in NaN", fp.status(200, {}, b'{"token": "ok", "expires_in": NaN}'), None, ""),
@@ -472,5 +530,70 @@ def test_hostile_token_service_answers(
     sent = {s.headers.get("Authorization", "") for s in proxy.seen(r"^GET /v2/")} - {""}
     assert sent == ({"Bearer ok"} if expected is None else set())  # nothing else ever became a header
     assert dialled == []
+    # an error answer is not read (the endless one would run to 2 GiB): what the proxy wrote is what socket
+    # buffers took before the driver hung up
+    assert proxy.bytes_sent(r"^GET /token") < 64 * MiB
     if expected is not None:
         _nothing_left(proxied_csi)
+
+
+# -- how long a token from a hostile answer is used (the registry client's injected clock; no sleeps) ------------
+
+TOKEN_LIFETIMES = [
+    # expires_in as the token service wrote it, and how long the driver may use the token: the lifetime,
+    # 60 s when it is not a positive finite number, at most a day, and always 10 s less (refreshed early)
+    ("3600", b"3600", 3590.0),
+    ("absent", None, 50.0),
+    ("negative", b"-5", 50.0),
+    ("zero", b"0", 50.0),
+    ("a word", b'"soon"', 50.0),
+    ("true", b"true", 50.0),
+    ("NaN", b"NaN", 50.0),
+    ("Infinity", b"Infinity", 50.0),
+    ("1e308", b"1e308", 24 * 3600.0 - 10.0),
+]
+
+
+class SteppedClock:
+    """Monotonic time plus what the test adds: the registry client's deadlines keep working."""
+
+    def __init__(self) -> None:
+        self.added = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.added
+
+
+def _driver_with_client(tmp_path: pathlib.Path, node: NodeConfig, client: RegistryClient) -> RunningDriver:
+    """``conftest.start_driver``, with the registry client (and so its clock) given by the test."""
+    config = DriverConfig(DRIVER_NAME, "test-node", f"unix://{tmp_path}/csi/csi.sock", tmp_path / "state",
+                          tmp_path / "kubelet", node)  # fmt: skip
+    share_directory(config.kubelet_dir / "pods")
+    pathlib.Path(config.socket_path).parent.mkdir(parents=True, exist_ok=True)
+    server = BackgroundServer(Driver(config, registry_client=client))
+    return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
+
+
+@pytest.mark.parametrize("expires_in, usable", [(e, u) for _, e, u in TOKEN_LIFETIMES],
+                         ids=[n for n, _, _ in TOKEN_LIFETIMES])  # fmt: skip
+def test_a_token_is_used_for_a_bounded_lifetime_whatever_expires_in_says(
+    tmp_path: pathlib.Path, proxy: fp.FaultProxy, pushed: Pushed, expires_in: bytes | None, usable: float
+) -> None:
+    answer = b'{"token": "ok"' + (b', "expires_in": ' + expires_in if expires_in is not None else b"") + b"}"
+    proxy.add(r"^GET /token", fp.status(200, {}, answer))
+    proxy.add(r"^(GET|HEAD) /v2/", fp.challenge(f"http://{proxy.host}/token"))
+    node = NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host])
+    clock = SteppedClock()
+    running = _driver_with_client(tmp_path, node, RegistryClient(node, clock=clock))
+    image = _image(pushed, proxy.host)
+    try:
+        for added, tokens in ((0.0, 1), (usable - 1.0, 1), (usable + 1.0, 2)):
+            clock.added = added
+            # pullPolicy Always asks the registry every time (a HEAD for the tag), with the token while it is valid
+            volume = running.inline({"image": image, "pullPolicy": "Always"}, CREDS)
+            # a call without a deadline: kubelet's would be on real monotonic time, which the stepped clock passed
+            running.kubelet.mount(volume, timeout=2 * NO_DEADLINE_SECONDS)
+            running.kubelet.unmount(volume)
+            assert proxy.count(r"^GET /token") == tokens, (added, proxy.count(r"^GET /token"))
+    finally:
+        stop_driver(running)

@@ -427,6 +427,42 @@ def test_a_private_multi_arch_index(csi: RunningDriver, setup: Setup, hostile: H
     assert hostile.count(rf"GET /v2/x/multi/blobs/{sha256_digest(module)}") >= 1
 
 
+def test_a_private_index_keeps_its_module_private_when_a_mirror_serves_the_child_without_credentials(
+    tmp_path: pathlib.Path, setup: Setup, hostile: HostileRegistry
+) -> None:
+    """The index needed alice's credentials; its child and the module came from a mirror that asked for none
+    (credentials are per host: none were ever sent there). The module is still private to the index's origin:
+    otherwise any registry naming its digest would be handed the copy."""
+    setup.proxy.clear()
+    module = make_module(7500, "split-index")
+    wasm = setup.pusher.wasm_artifact("team-a/split", "wasm", module)
+    index = setup.pusher.index("team-a/split", "v1", [(wasm, {"architecture": "wasm", "os": "wasip1"})])
+    with HostileRegistry() as mirror:  # holds the child and the blob, not the index, and serves anyone
+        for key, (media_type, body) in _private_manifests(setup, "team-a/split", index).items():
+            if key != "v1":
+                mirror.manifest("team-a/split", key, body, media_type)
+        mirror.blob(module)
+        insecure = RegistryHostConfig(insecure=True)
+        registries = {setup.proxy.host: replace(insecure, mirrors=(mirror.host,)), mirror.host: insecure,
+                      hostile.host: insecure}  # fmt: skip
+        running = start_driver(tmp_path, NodeConfig(registries=registries, pull=fast_pull_config()))
+        try:
+            owner = publish(running, f"{setup.proxy.host}/team-a/split:v1", secret(ALICE))
+            assert owner.code is None and owner.data == module, owner.detail
+            assert mirror.count(rf"GET /v2/team-a/split/manifests/{wasm.manifest_digest}") == 1
+            assert mirror.count(rf"GET /v2/team-a/split/blobs/{wasm.layer_digest}") == 1
+            assert {authorization for _, _, authorization in mirror.requests} == {None}
+            record = running.driver.puller._access.record_of(wasm.module_digest)
+            assert record is not None and not record.public
+            assert record.private_at == (Origin(setup.proxy.host, "team-a/split"),)
+            hostile.manifest("x/claims", "v1", manifest_naming(wasm.module_digest, size=len(module)),
+                             layouts.OCI_MANIFEST)  # fmt: skip
+            claim = publish(running, f"{hostile.host}/x/claims:v1")
+            assert claim.code == NOT_FOUND and claim.data is None, claim.detail
+        finally:
+            stop_driver(running)
+
+
 def _private_manifests(setup: Setup, repo: str, index: str) -> dict[str, tuple[str, bytes]]:
     auth, verify = (ALICE.username, ALICE.password), setup.pusher.session.verify
     base = f"https://{setup.private.host}/v2/{repo}/manifests"

@@ -3,14 +3,18 @@ pre-pull and the operator commands. Real mounts, real registry, the real driver.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 import random
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from typing import Iterator
 
 import grpc
 import pytest
@@ -21,6 +25,7 @@ from csi_wasm.demo.push import Pushed, Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
 from csi_wasm.gc import GarbageCollector
+from csi_wasm.logs import EVENT_FIELDS
 from csi_wasm import syscalls
 from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
 
@@ -42,6 +47,10 @@ def _collector(csi: RunningDriver, now: float, protect_landed: bool = False, **s
     protected = driver.protected_from_gc if protect_landed else driver.prepulled
     return GarbageCollector(driver.store, driver.records, driver.pins, config, driver.metrics,
                             protected=protected, clock=lambda: now)
+
+
+def _sample(csi: RunningDriver, name: str, **labels: str) -> float:
+    return csi.driver.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # -- garbage collection ------------------------------------------------------------
@@ -96,22 +105,44 @@ def test_over_the_size_cap_unreferenced_modules_go_least_recently_used_first(
     csi.kubelet.unmount(volumes[3])
 
 
-def test_gc_racing_publishes_never_breaks_a_publish(csi: RunningDriver, modules: list[Pushed]) -> None:
+def _stored_by_another_puller(csi: RunningDriver, modules: list[Pushed], node_config: NodeConfig) -> None:
+    """Put modules in the driver's store as `csi-wasm pull` would: not the driver's own fresh downloads,
+    which it shields from the collector for a minute, so a collection may take them at once."""
+    from csi_wasm.metrics import Metrics
+    from csi_wasm.pull import ModuleRequest, Puller
+    from csi_wasm.reference import parse_reference
+    from csi_wasm.registry import RegistryClient
+
+    store = csi.driver.store
+    puller = Puller(type(store)(store.root), RegistryClient(node_config), node_config.pull, Metrics(process=False))
+    try:
+        for pushed in modules:
+            puller.ensure(ModuleRequest(parse_reference(pushed.reference)))
+    finally:
+        puller.close()
+
+
+def test_gc_racing_publishes_never_breaks_a_publish(
+    csi: RunningDriver, modules: list[Pushed], node_config: NodeConfig
+) -> None:
+    _stored_by_another_puller(csi, modules, node_config)
+    assert all(csi.driver.store.has(m.module_digest) for m in modules)
     stop = threading.Event()
     collector = _collector(csi, time.time() + 10 * DAY, protect_landed=True, gc_grace_seconds=0)
-    collections = 0
+    removed: list[str] = []
 
     def collect_forever() -> None:
-        nonlocal collections
+        start.wait()
         while not stop.is_set():
-            collector.collect()
-            collections += 1
+            removed.extend(collector.collect().removed)
 
     errors: list[BaseException] = []
+    start = threading.Barrier(5)
 
     def churn(seed: int) -> None:
         rng = random.Random(seed)
         try:
+            start.wait()
             for _ in range(25):
                 pushed = rng.choice(modules)
                 volume = csi.volume(pushed.reference)
@@ -130,8 +161,81 @@ def test_gc_racing_publishes_never_breaks_a_publish(csi: RunningDriver, modules:
         worker.join(120)
     stop.set()
     gc_thread.join(30)
-    assert errors == [] and collections > 0
+    assert errors == []
+    assert removed, "the collector never took a module while the publishes ran: nothing was raced"
+    # what it took was fetched again by the publishes that needed it; what it left was never downloaded
+    downloads = _sample(csi, "csi_wasm_pull_duration_seconds_count")
+    assert 1 <= downloads <= len(removed), (downloads, removed)
     assert csi.mounts_under_kubelet() == [] and csi.driver.records.all() == []
+
+
+class Recorded(logging.Handler):
+    """The log records of one logger while a test runs (whatever the log format and level configured)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger(logger)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def events(self, name: str) -> list[logging.LogRecord]:
+        return [record for record in self.records if record.getMessage() == name]
+
+    def __enter__(self) -> Recorded:
+        self._logger.addHandler(self)
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
+def test_a_failed_gc_pass_is_counted_and_logged_and_the_next_one_collects(
+    csi: RunningDriver, modules: list[Pushed]
+) -> None:
+    store = csi.driver.store
+    for pushed in modules[:2]:
+        volume = csi.volume(pushed.reference)
+        csi.kubelet.mount(volume)
+        csi.kubelet.unmount(volume)
+    first, held = modules[0].module_digest, modules[1].module_digest
+    store.touch(first, time.time() - 200)  # collected first (least recently used)...
+    store.touch(held, time.time() - 100)
+    held_path = store.module_path(held)
+    syscalls.mount(bytes(held_path), bytes(held_path), syscalls.MS_BIND)  # ...then this one: a mount point, EBUSY
+    collector = _collector(csi, time.time() + DAY, gc_grace_seconds=0)
+    stop = threading.Event()
+    loop = threading.Thread(target=collector.run_forever, args=(3600.0, stop), name="gc-under-test")
+    try:
+        with Recorded("csi_wasm.gc") as log:
+            loop.start()
+            collector.trigger()
+            assert wait_for(lambda: log.events("gc.failed") != [])  # logged once counted
+            assert _sample(csi, "csi_wasm_gc_errors_total") == 1
+            (failed,) = log.events("gc.failed")
+            fields = getattr(failed, EVENT_FIELDS)
+            assert "Errno 16" in fields["error"] and fields["retry_in_seconds"] == 3600.0 and failed.exc_info
+            assert loop.is_alive()
+            # the module removed before the failure is gone and counted; the held one stays
+            assert not store.has(first) and store.has(held)
+            assert _sample(csi, "csi_wasm_gc_evictions_total") == 1
+            assert _sample(csi, "csi_wasm_gc_freed_bytes_total") == 5000
+            unmount_path(held_path)
+            collector.trigger()  # the next pass (the interval's, woken early)
+            assert wait_for(lambda: _sample(csi, "csi_wasm_gc_evictions_total") == 2)
+        assert not store.has(held) and store.modules() == []
+        assert _sample(csi, "csi_wasm_gc_freed_bytes_total") == 5000 + 5001
+        assert _sample(csi, "csi_wasm_gc_errors_total") == 1 and len(log.events("gc.failed")) == 1
+    finally:
+        stop.set()
+        collector.trigger()
+        loop.join(30)
+        if LinuxMounter().mount_at(held_path) is not None:
+            unmount_path(held_path)
 
 
 def test_a_download_that_would_cross_the_free_space_floor_is_resource_exhausted(
@@ -331,6 +435,68 @@ def test_prepull_at_start_warms_the_store_and_protects_it_from_gc(
         running.kubelet.unmount(volume)
     finally:
         stop_driver(running)
+
+
+def test_prepull_failures_are_logged_one_by_one_and_the_driver_serves_anyway(
+    tmp_path: pathlib.Path, registry: LocalRegistry, pusher: Pusher, modules: list[Pushed]
+) -> None:
+    not_wasm = pusher.wasm_artifact("lifecycle/notwasm", "v1", b"a text file, not a module\n" * 40)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once the socket is closed
+    failing = {f"{registry.host}/lifecycle/missing:v1": "not_found", f"{down}/lifecycle/down:v1": "unavailable",
+               not_wasm.reference: "invalid_wasm", "Not A Reference": "invalid_argument"}  # fmt: skip
+    # the good one last: the modules are pre-pulled in order, so once it is stored every failure was met
+    node = replace(NodeConfig(pull=replace(fast_pull_config(), attempts=1)),
+                   prepull=(*failing, modules[2].reference)).with_insecure([registry.host, down])  # fmt: skip
+    with Recorded("csi_wasm.server") as log:
+        running = start_driver(tmp_path, node)
+        try:
+            assert running.driver.is_ready()
+            assert wait_for(lambda: modules[2].module_digest in running.driver.prepulled(), timeout=30)
+            failed = [getattr(record, EVENT_FIELDS) for record in log.events("prepull.failed")]
+            assert {fields["image"]: fields["reason"] for fields in failed} == failing
+            assert all(fields["image"] in fields["error"] for fields in failed), failed  # each names its image
+            assert {record.levelno for record in log.events("prepull.failed")} == {logging.WARNING}
+            for reason in ("not_found", "unavailable", "invalid_wasm", "success"):
+                assert _sample(running, "csi_wasm_pulls_total", result=reason) == 1, reason
+            served = running.volume(modules[2].reference, pullPolicy="Never")
+            assert (running.kubelet.mount(served) / "plugin.wasm").read_bytes() == make_module(5002, "lifecycle-2")
+            running.kubelet.unmount(served)
+        finally:
+            stop_driver(running)
+
+
+@contextlib.contextmanager
+def read_only(directory: pathlib.Path) -> Iterator[None]:
+    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
+    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
+    try:
+        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        yield
+    finally:
+        unmount_path(directory)
+
+
+def test_an_unforeseen_prepull_failure_is_logged_and_the_rest_is_still_pre_pulled(
+    tmp_path: pathlib.Path, registry: LocalRegistry, modules: list[Pushed]
+) -> None:
+    node = NodeConfig(pull=fast_pull_config()).with_insecure([registry.host])
+    warm = _cli("pull", "--state-dir", str(tmp_path / "state"), "--insecure-registry", registry.host,
+                modules[2].reference)  # fmt: skip
+    assert warm.returncode == 0, warm.stderr
+    node = replace(node, prepull=(modules[3].reference, modules[2].reference))  # a download, then a stored one
+    with Recorded("csi_wasm.server") as log, read_only(tmp_path / "state" / "store" / "tmp"):
+        running = start_driver(tmp_path, node)
+        try:
+            assert wait_for(lambda: modules[2].module_digest in running.driver.prepulled(), timeout=30)
+            (failed,) = log.events("prepull.failed")
+            fields = getattr(failed, EVENT_FIELDS)
+            assert fields["image"] == modules[3].reference and fields["reason"] == "internal"
+            assert "Read-only file system" in fields["error"] and failed.exc_info and failed.levelno == logging.ERROR
+            assert not running.driver.store.has(modules[3].module_digest)
+        finally:
+            stop_driver(running)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

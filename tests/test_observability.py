@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import re
 import socket
 import subprocess
+import threading
 import urllib.request
 from dataclasses import replace
 from typing import Iterator
@@ -21,12 +24,17 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
+from csi_wasm import syscalls
+from csi_wasm.gc import GarbageCollector
 from csi_wasm.http import MetricsServer
 from csi_wasm.server import Driver
 from csi_wasm.mounts import unmount_path
 from csi_wasm.topology import share_directory
 
+import faultproxy as fp
 from conftest import DRIVER_NAME, PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
+from conftest import wait_for
+from faultproxy import FaultProxy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -230,3 +238,129 @@ def test_store_space_gauges_show_the_floor_the_driver_enforces(
         if running is not None:
             stop_driver(running)
         subprocess.run(["umount", "-l", str(node_fs)], check=True)
+
+
+# -- counters that only move in one scenario: each driven into it and read from /metrics -----------------
+
+
+@pytest.fixture
+def proxied(tmp_path: pathlib.Path, proxy: FaultProxy) -> Iterator[tuple[RunningDriver, str]]:
+    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
+    server = MetricsServer("127.0.0.1", 0, running.driver.metrics.registry, running.driver.is_ready).start()
+    yield running, f"http://127.0.0.1:{server.port}"
+    server.stop()
+    stop_driver(running)
+
+
+def test_a_publish_that_joins_a_download_in_flight_is_counted_once(
+    proxied: tuple[RunningDriver, str], proxy: FaultProxy, pusher: Pusher
+) -> None:
+    running, base = proxied
+    module = make_module(64 * 1024, "metrics-join")
+    pushed = pusher.wasm_artifact("metrics/join", "v1", module)
+    blob = rf"^GET /v2/metrics/join/blobs/{pushed.layer_digest}"
+    proxy.add(blob, fp.drip(600.0, pieces=600))  # the download stays in flight until the proxy is cleared
+    image = f"{proxy.host}/metrics/join:v1"
+    first, second = running.volume(image), running.volume(image)
+    outcomes: list[BaseException | None] = []
+
+    def publish(volume: InlineVolume) -> None:
+        try:
+            running.kubelet.mount(volume, timeout=60)
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(volume,)) for volume in (first, second)]
+    threads[0].start()
+    assert wait_for(lambda: proxy.count(blob) == 1, timeout=30)  # the first publish is downloading
+    threads[1].start()
+    assert wait_for(lambda: _value(_scrape(base), "csi_wasm_pull_joins_total") == 1, timeout=30)
+    proxy.clear()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes == [None, None]
+    samples = _scrape(base)
+    assert _value(samples, "csi_wasm_pull_joins_total") == 1
+    assert _value(samples, "csi_wasm_pull_duration_seconds_count") == 1  # one download...
+    assert proxy.count(blob) == 1  # ...one blob request...
+    assert _value(samples, "csi_wasm_pull_bytes_total") == len(module)  # ...its bytes counted once
+    assert _value(samples, "csi_wasm_publish_total", result="success") == 2
+    paths = [running.kubelet.target_path(volume) / "plugin.wasm" for volume in (first, second)]
+    assert paths[0].stat().st_ino == paths[1].stat().st_ino
+    for volume in (first, second):
+        running.kubelet.unmount(volume)
+
+
+def test_garbage_collection_counts_what_it_evicts_and_frees(observed: tuple[RunningDriver, str], pusher: Pusher) -> None:
+    running, base = observed
+    sizes = {"a": 3000, "b": 4500}
+    for name, size in sizes.items():
+        volume = running.volume(pusher.wasm_artifact("metrics/gc", name, make_module(size, f"metrics-gc-{name}")).reference)
+        running.kubelet.mount(volume)
+        running.kubelet.unmount(volume)
+    kept = running.volume(pusher.wasm_artifact("metrics/gc", "kept", make_module(2000, "metrics-gc-kept")).reference)
+    running.kubelet.mount(kept)  # referenced: never evicted, never counted
+    driver = running.driver  # a collector without the "just downloaded" protection, grace over
+    collector = GarbageCollector(driver.store, driver.records, driver.pins, replace(driver.config.node.store,
+                                 gc_grace_seconds=0), driver.metrics)  # fmt: skip
+    assert _value(_scrape(base), "csi_wasm_gc_evictions_total") == 0
+    assert len(collector.collect().removed) == 2
+    samples = _scrape(base)
+    assert _value(samples, "csi_wasm_gc_evictions_total") == 2
+    assert _value(samples, "csi_wasm_gc_freed_bytes_total") == sum(sizes.values())
+    assert _value(samples, "csi_wasm_store_bytes") == 2000
+    assert collector.collect().removed == ()  # nothing left to take: the counters stay
+    again = _scrape(base)
+    assert (_value(again, "csi_wasm_gc_evictions_total"), _value(again, "csi_wasm_gc_freed_bytes_total")) == (2, 7500)
+    assert _value(again, "csi_wasm_gc_errors_total") == 0
+    running.kubelet.unmount(kept)
+
+
+class KeptRecords(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def read_only(directory: pathlib.Path) -> Iterator[None]:
+    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
+    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
+    try:
+        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        yield
+    finally:
+        unmount_path(directory)
+
+
+def test_an_unforeseen_error_is_internal_counted_and_logged_with_its_trace(
+    observed: tuple[RunningDriver, str], pusher: Pusher
+) -> None:
+    """What the CsiWasmPublishErrors alert watches: result="internal", here from a store whose filesystem
+    went read-only under the driver (nothing the driver foresees, so nothing with a code of its own). The
+    publish fails at its download, before anything is mounted or recorded."""
+    running, base = observed
+    pushed = pusher.wasm_artifact("metrics/internal", "v1", make_module(3000, "metrics-internal"))
+    volume = running.volume(pushed.reference)
+    handler = KeptRecords(logging.ERROR)
+    logging.getLogger("csi_wasm.servicers").addHandler(handler)
+    try:
+        with read_only(running.driver.store.tmp_dir):
+            with pytest.raises(grpc.RpcError) as failure:
+                running.kubelet.mount(volume)
+    finally:
+        logging.getLogger("csi_wasm.servicers").removeHandler(handler)
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+    assert failure.value.details() == "NodePublishVolume: internal error, see the driver's log"
+    assert _value(_scrape(base), "csi_wasm_publish_total", result="internal") == 1
+    traced = [r for r in handler.records if r.getMessage() == "unexpected error in NodePublishVolume" and r.exc_info]
+    assert len(traced) == 1 and "Read-only file system" in str(traced[0].exc_info[1])  # type: ignore[index]
+    assert running.mounts_under_kubelet() == [] and running.driver.records.all() == []
+    assert not any(running.driver.store.tmp_dir.iterdir())
+    assert (running.kubelet.mount(volume) / "plugin.wasm").read_bytes() == make_module(3000, "metrics-internal")
+    assert _value(_scrape(base), "csi_wasm_publish_total", result="internal") == 1
+    running.kubelet.unmount(volume)

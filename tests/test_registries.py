@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from csi_wasm.config import NodeConfig, PullConfig, RegistryHostConfig
+from csi_wasm.credentials import MAX_CREDENTIAL_CHARS
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
@@ -104,6 +105,41 @@ def test_a_malformed_secret_is_invalid(private_csi: RunningDriver, private_image
     with pytest.raises(grpc.RpcError) as failure:
         private_csi.kubelet.mount(volume)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _oversized_secrets(host: str) -> list[tuple[str, dict[str, str], str]]:
+    """Credentials too long for any request header (a wrong file pasted into the Secret, say)."""
+    huge = "x" * (MAX_CREDENTIAL_CHARS + 1)
+    auth = base64.b64encode(f"{PRIVATE_AUTH.username}:{huge}".encode()).decode()
+    return [
+        ("password", {"username": PRIVATE_AUTH.username, "password": huge},
+         f"nodePublishSecretRef: the password is {len(huge)} characters"),
+        ("username", {"username": huge, "password": "p"}, f"nodePublishSecretRef: the username is {len(huge)} characters"),
+        ("dockerconfigjson auth", {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})},
+         f".dockerconfigjson: the password for '{host}' is {len(huge)} characters"),
+        ("dockerconfigjson fields", {".dockerconfigjson": json.dumps({"auths": {host: {"username": huge, "password": "p"}}})},
+         f".dockerconfigjson: the username for '{host}' is {len(huge)} characters"),
+        ("dockercfg", {".dockercfg": json.dumps({host: {"auth": auth}})},
+         f".dockercfg: the password for '{host}' is {len(huge)} characters"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["password", "username", "dockerconfigjson auth", "dockerconfigjson fields", "dockercfg"])
+def test_oversized_credentials_are_invalid_not_sent(
+    private_csi: RunningDriver, private_registry: LocalRegistry, private_image: str, form: str
+) -> None:
+    """Sent, a 1 MiB password drew HTTP 431 from the registry: UNAVAILABLE, retried by kubelet for ever."""
+    (secrets, message), = [(s, m) for f, s, m in _oversized_secrets(private_registry.host) if f == form]
+    volume = private_csi.inline({"image": private_image}, secrets)
+    with pytest.raises(grpc.RpcError) as failure:
+        private_csi.kubelet.mount(volume)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (failure.value.details() or "").startswith(message), failure.value.details()
+    assert private_csi.mounts_under_kubelet() == []
+    at_the_limit = {"username": PRIVATE_AUTH.username, "password": "x" * MAX_CREDENTIAL_CHARS}
+    with pytest.raises(grpc.RpcError) as sent:  # the longest allowed is sent, and the registry has its say
+        private_csi.kubelet.mount(private_csi.inline({"image": private_image}, at_the_limit))
+    assert sent.value.code() == grpc.StatusCode.PERMISSION_DENIED, sent.value.details()
 
 
 def test_secrets_never_reach_the_logs(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import yaml
 
 from csi_wasm._gen import csi_pb2, csi_pb2_grpc
 from csi_wasm.demo.kubelet import Kubelet
+from csi_wasm.demo.processes import stop_gracefully
 
 DRIVER_NAME = "csi-wasm.dev"
 
@@ -134,13 +134,7 @@ class SimulatedNode:
             self._kubelet.close()
             self._kubelet = None
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            stop_gracefully(self.process, timeout)
             self.process = None
         if self._log is not None:
             self._log.close()
