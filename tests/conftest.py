@@ -22,6 +22,7 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
 from csi_wasm.mounts import LinuxMounter, Mounter, enter_private_mount_namespace, unmount_path
+from csi_wasm.registry import RegistryClient
 from csi_wasm.server import BackgroundServer, Driver
 from csi_wasm.topology import share_directory
 
@@ -117,7 +118,9 @@ class RunningDriver:
         return [m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(prefix)]
 
 
-def start_driver(tmp_path: pathlib.Path, node: NodeConfig, mounter: Mounter | None = None) -> RunningDriver:
+def start_driver(
+    tmp_path: pathlib.Path, node: NodeConfig, mounter: Mounter | None = None, registry_client: RegistryClient | None = None
+) -> RunningDriver:
     config = DriverConfig(
         driver_name=DRIVER_NAME,
         node_id="test-node",
@@ -128,7 +131,7 @@ def start_driver(tmp_path: pathlib.Path, node: NodeConfig, mounter: Mounter | No
     )
     share_directory(config.kubelet_dir / "pods")
     pathlib.Path(config.socket_path).parent.mkdir(parents=True, exist_ok=True)  # kubelet's plugin dir exists
-    server = BackgroundServer(Driver(config, mounter=mounter))
+    server = BackgroundServer(Driver(config, mounter=mounter, registry_client=registry_client))
     return RunningDriver(server.driver, Kubelet(config.socket_path, config.kubelet_dir), config, server)
 
 
@@ -161,11 +164,14 @@ def code_of(call: object) -> grpc.StatusCode:
     """Run a zero-argument callable expected to fail with an RpcError; return its status code."""
     with pytest.raises(grpc.RpcError) as failure:
         call()  # type: ignore[operator]
-    return failure.value.code()  # type: ignore[no-any-return]
+    return failure.value.code()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll until ``condition`` holds (for logs written after the response); False on timeout."""
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll until ``condition`` holds (for logs written after the response); False on timeout.
+
+    The timeout is only how long to wait before calling a test failed, never a claim about speed: it is
+    generous because a passing run never waits for it and the 2-core machine is shared."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

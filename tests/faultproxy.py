@@ -14,18 +14,22 @@ until released), ``drip`` (the body a few bytes at a time), ``redirect_to``,
 line and headers a byte at a time) and ``replace_body`` (the upstream's answer, rewritten). ``refuse()``
 closes the listening socket (connection refused) and ``accept()`` reopens it on the
 same port. Every request is recorded (``seen``/``count``), with its headers, so a
-test can tell whether a retry happened, when, and which credentials went where.
+test can tell whether a retry happened, when, and which credentials went where; and
+every fault that ran to its end without the client hanging up first (``finished``),
+so a test can tell that a slow fault was cut short by the client, not waited out.
 Nothing here ever connects anywhere but the upstream it was given.
 """
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import http.server
 import re
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,9 +83,22 @@ class Exchange:
         self.write(body)
 
     def reset(self) -> None:
-        """Abort the connection with a TCP RST."""
+        """Abort the connection with a TCP RST, once the client's kernel has every byte written so far.
+
+        A close with SO_LINGER 0 throws away what is still in our send queue: without the wait, "reset after
+        N bytes" would be a reset after fewer, however many the client's kernel had received by then.
+        """
+        self._wait_until_acknowledged()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+    def _wait_until_acknowledged(self, give_up_after: float = 10.0) -> None:
+        """Until the send queue is empty (the client's kernel acknowledged it), the proxy is released, or a
+        client that stopped reading has had ``give_up_after`` seconds."""
+        deadline = time.monotonic() + give_up_after
+        while _unacknowledged_bytes(self.sock) > 0 and time.monotonic() < deadline:
+            if self.wait(0.001):
+                return
 
     def wait(self, seconds: float) -> bool:
         """Sleep unless the proxy is released or stopped; True if it was."""
@@ -89,6 +106,14 @@ class Exchange:
 
 
 Fault = Callable[[Exchange], None]
+
+
+def _unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (SIOCOUTQ); 0 once it is closed."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def passthrough(ex: Exchange) -> None:
@@ -114,7 +139,6 @@ def reset_after(count: int) -> Fault:
         code, headers, body = ex.upstream()
         ex.send_head(code, headers, len(body))
         ex.write(body[: min(count, max(len(body) - 1, 0))])
-        time.sleep(0.05)
         ex.reset()
 
     return fault
@@ -213,7 +237,8 @@ def redirect_to(location: str | Callable[[Seen], str], code: int = 307) -> Fault
 def redirect_loop(ex: Exchange) -> None:
     """Redirect every request back to itself, forever."""
     path = re.sub(r"[?&]loop=\d+$", "", ex.seen.path)
-    number = int((re.search(r"loop=(\d+)$", ex.seen.path) or [0, "0"])[1]) + 1
+    previous = re.search(r"loop=(\d+)$", ex.seen.path)
+    number = (int(previous.group(1)) if previous else 0) + 1
     ex.send(307, [("Location", f"{path}{'&' if '?' in path else '?'}loop={number}")], b"")
 
 
@@ -248,16 +273,18 @@ def endless_chunked(
     return fault
 
 
-def drip_headers(gap: float = 0.5) -> Fault:
-    """The upstream's answer, its status line and headers one byte every ``gap`` seconds (until released)."""
+def drip_headers(gap: float = 0.5, total_seconds: float | None = None) -> Fault:
+    """The upstream's answer, its status line and headers one byte every ``gap`` seconds (or spread evenly
+    over ``total_seconds``), until released; then the body."""
 
     def fault(ex: Exchange) -> None:
         code, headers, body = ex.upstream()
         lines = [f"HTTP/1.1 {code} {http.client.responses.get(code, 'Status')}"]
         lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_HEADERS]
         head = ("\r\n".join(lines + [f"Content-Length: {len(body)}", "Connection: close"]) + "\r\n\r\n").encode()
+        pause = gap if total_seconds is None else total_seconds / len(head)
         for index in range(len(head)):
-            if ex.wait(gap):
+            if ex.wait(pause):
                 ex.write(head[index:] + body)
                 return
             ex.write(head[index : index + 1])
@@ -308,6 +335,7 @@ class FaultProxy:
     released: threading.Event = field(default_factory=threading.Event)
     _rules: list[_Rule] = field(default_factory=list)
     _seen: list[Seen] = field(default_factory=list)
+    _finished: list[Seen] = field(default_factory=list)
     _sent: list[tuple[Seen, list[int]]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
@@ -392,6 +420,13 @@ class FaultProxy:
     def count(self, pattern: str = "") -> int:
         return len(self.seen(pattern))
 
+    def finished(self, pattern: str = "") -> int:
+        """How many faults (or plain answers) for requests matching ``pattern`` ran to their end without the
+        client hanging up first. Recorded synchronously, as the fault's thread ends."""
+        regex = re.compile(pattern)
+        with self._lock:
+            return sum(1 for s in self._finished if regex.search(s.line))
+
     def bytes_sent(self, pattern: str = "") -> int:
         """Bytes the proxy wrote to clients for the requests matching ``pattern`` (those finished or cut off)."""
         regex = re.compile(pattern)
@@ -454,7 +489,9 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             try:
                 proxy._fault_for(seen)(Exchange(proxy, self, seen))
             except OSError:
-                pass  # the client hung up (it timed out, or gave up): that is the point of most faults
+                return  # the client hung up (it timed out, or gave up): that is the point of most faults
+            with proxy._lock:
+                proxy._finished.append(seen)
 
         def finish(self) -> None:
             try:

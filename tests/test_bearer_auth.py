@@ -37,6 +37,7 @@ from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import BINARY, LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module
+from csi_wasm.registry import RegistryClient
 
 SERVICE, ISSUER = "csi-wasm-test-registry", "csi-wasm-test-token-issuer"
 USERS = {"reader": "r3ader-Pa55", "other": "0ther-Pa55"}
@@ -213,6 +214,7 @@ def test_tokens_are_per_scope_and_per_credential_and_cached(
     assert [(r.scope, r.user) for r in tokens.requests] == [("repository:team/a:pull", "reader")]
     assert _mount(token_csi, image_a) == a  # pullPolicy Always: the registry is asked again, the token reused
     assert len(tokens.requests) == 1
+    guarded.sync()  # the registry's log is read by a thread: wait until our requests' lines are in
     assert guarded.requests_matching(r"uri=\"?/v2/team/a/manifests/v1") >= 2
     assert _mount(token_csi, image_b) == b  # another repository: another scope, another token
     assert [(r.scope, r.user) for r in tokens.requests][1:] == [("repository:team/b:pull", "reader")]
@@ -224,22 +226,38 @@ def test_tokens_are_per_scope_and_per_credential_and_cached(
     assert requests.get(url, headers={"Authorization": f"Bearer {token_a}"}, timeout=10).status_code == 401
 
 
+@dataclass
+class SteppedClock:
+    """The token cache's clock: it moves only when the test moves it."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_an_expired_token_is_refreshed(
-    token_setup: tuple[TokenServer, TokenRegistry, Pusher], token_csi: RunningDriver
+    token_setup: tuple[TokenServer, TokenRegistry, Pusher], tmp_path: pathlib.Path
 ) -> None:
     tokens, guarded, pusher = token_setup
+    tokens.requests.clear()
+    tokens.expires_in = 300  # the driver refreshes 10 s early: on its clock this token is good for 290 s
     module = make_module(5000, "bearer-expiry")
     pusher.wasm_artifact("team/expiry", "v1", module)
-    tokens.expires_in = 12  # the driver refreshes 10 s early: this token is good for 2 s
     image = f"{guarded.host}/team/expiry:v1"
-    assert _mount(token_csi, image) == module
-    assert _mount(token_csi, image) == module
-    first = [r for r in tokens.requests if r.scope == "repository:team/expiry:pull"]
-    assert len(first) == 1  # still fresh: reused
-    time.sleep(2.2)
-    assert _mount(token_csi, image) == module
-    again = [r for r in tokens.requests if r.scope == "repository:team/expiry:pull"]
-    assert len(again) == 2 and again[1].at - again[0].at >= 2.0
+    clock = SteppedClock()
+    node = NodeConfig(pull=fast_pull_config()).with_insecure([guarded.host])
+    running = start_driver(tmp_path, node, registry_client=RegistryClient(node, token_clock=clock))
+    try:
+        assert _mount(running, image) == module
+        clock.now += 289.0
+        assert _mount(running, image) == module
+        assert len(tokens.requests) == 1  # still fresh: reused
+        clock.now += 1.0
+        assert _mount(running, image) == module
+        assert [r.scope for r in tokens.requests] == ["repository:team/expiry:pull"] * 2  # expired: a new one
+    finally:
+        stop_driver(running)
 
 
 @pytest.mark.parametrize("user", ["wrong", None])

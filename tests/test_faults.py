@@ -8,10 +8,10 @@ every integrity check (a manifest's digest when pinned, a compat layer's digest,
 a blob's declared size, the store's size cap) is driven into by a registry that
 serves otherwise valid bytes, so no other check catches the fault first.
 
-No timing is asserted: each call gets a deadline far longer than the bound the
-driver sets itself (a few seconds with this configuration), so an answer with the
-expected code (not DEADLINE_EXCEEDED) shows that bound held, however loaded the
-machine is.
+No timing is asserted. A slow fault (a stall, a drip) answers in full after
+``SLOW_FAULT_SECONDS``, well inside the call's deadline but long after every bound
+the driver sets itself: the expected error can only come from that bound, since
+without it the fault would end and the publish succeed, however loaded the machine is.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import gzip
 import json
 import pathlib
 import random
+import re
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -43,6 +44,10 @@ MODULE = make_module(64 * 1024, "faults")
 UNAVAILABLE, FAILED_PRECONDITION = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
 KUBELET_DEADLINE_SECONDS = 120.0
 CALL_TIMEOUT_SECONDS = 30.0  # kubelet sends 120 s; the driver's own bounds here are a few seconds
+# After every bound the driver sets itself, here (read 2 s, a manifest exchange 4 s, max_wait 3 s) and
+# with production defaults (read 30 s, a manifest exchange 60 s, max_wait 60 s: tools/soak.py
+# --fault-table runs these rows so), and before kubelet's 120 s deadline.
+SLOW_FAULT_SECONDS = 90.0
 
 
 def fault_pull_config() -> PullConfig:
@@ -59,8 +64,10 @@ class FaultCase:
     fault: fp.Fault | None  # None: the proxy stops listening
     expected: grpc.StatusCode
     attempts: int | None  # requests (connections, when refused) for ``where``: retries only for transient faults
-    call_timeout: float = CALL_TIMEOUT_SECONDS
+    call_timeout: float = KUBELET_DEADLINE_SECONDS
     download_outlives_call: bool = False
+    detail: str = ""  # a pattern the error's message must hold: which bound answered
+    slow: bool = False  # ends after SLOW_FAULT_SECONDS: the driver must answer while it still runs
 
 
 FAULT_CASES = [
@@ -76,14 +83,19 @@ FAULT_CASES = [
     FaultCase("truncated body (blob)", "blob", fp.truncate_after(20_000), UNAVAILABLE, 1),
     FaultCase("wrong bytes, not JSON (manifest)", "manifest", fp.corrupt, FAILED_PRECONDITION, 1),
     FaultCase("wrong bytes (blob)", "blob", fp.corrupt, FAILED_PRECONDITION, 1),
-    FaultCase("stalled headers (manifest)", "manifest", fp.stall_headers(), UNAVAILABLE, 1),
-    FaultCase("stalled body (blob)", "blob", fp.stall_body(), UNAVAILABLE, 1),
-    FaultCase("slow drip under the read timeout (manifest)", "manifest", fp.drip(120.0, pieces=400),
-              UNAVAILABLE, 1),  # fmt: skip
-    FaultCase("slow drip under the read timeout (blob)", "blob", fp.drip(120.0, pieces=400), UNAVAILABLE, 1,
-              download_outlives_call=True),  # fmt: skip
-    FaultCase("headers dripped (manifest)", "manifest", fp.drip_headers(0.5), UNAVAILABLE, 1),
-    FaultCase("headers dripped (blob)", "blob", fp.drip_headers(0.5), UNAVAILABLE, 1, download_outlives_call=True),
+    # the slow faults: each ends after SLOW_FAULT_SECONDS, so only the driver's own bound can answer first
+    FaultCase("stalled headers (manifest)", "manifest", fp.hold(SLOW_FAULT_SECONDS), UNAVAILABLE, 1,
+              slow=True),  # fmt: skip
+    FaultCase("stalled body (blob)", "blob", fp.hold_tail(count=len(MODULE) - 16, seconds=SLOW_FAULT_SECONDS),
+              UNAVAILABLE, 1, detail="read timeout", slow=True),  # fmt: skip
+    FaultCase("slow drip under the read timeout (manifest)", "manifest", fp.drip(SLOW_FAULT_SECONDS, pieces=400),
+              UNAVAILABLE, 1, detail="deadline", slow=True),  # fmt: skip
+    FaultCase("slow drip under the read timeout (blob)", "blob", fp.drip(SLOW_FAULT_SECONDS, pieces=400),
+              UNAVAILABLE, 1, download_outlives_call=True, detail="continues", slow=True),  # fmt: skip
+    FaultCase("headers dripped (manifest)", "manifest", fp.drip_headers(total_seconds=SLOW_FAULT_SECONDS),
+              UNAVAILABLE, 1, detail="deadline", slow=True),  # fmt: skip
+    FaultCase("headers dripped (blob)", "blob", fp.drip_headers(total_seconds=SLOW_FAULT_SECONDS), UNAVAILABLE, 1,
+              download_outlives_call=True, detail="continues", slow=True),  # fmt: skip
     FaultCase("redirect loop (manifest)", "manifest", fp.redirect_loop, UNAVAILABLE, 6),
     FaultCase("oversized manifest (5 MiB)", "manifest", fp.oversized(5 * 1024 * 1024), FAILED_PRECONDITION, 1),
     FaultCase("endless chunked body (manifest)", "manifest", fp.endless_chunked(), FAILED_PRECONDITION, 1),
@@ -175,12 +187,16 @@ def test_fault(
     case: FaultCase, proxy: fp.FaultProxy, fault_csi: RunningDriver, pushed: Pushed, connects: list[object]
 ) -> None:
     outcome = inject_and_publish(case, proxy, fault_csi, pushed)
+    if case.slow:  # the driver answered while the fault still ran: its own bound cut it short
+        assert proxy.finished(request_pattern(pushed, case.where)) == 0, outcome
     assert outcome.code == case.expected, outcome.detail
+    assert re.search(case.detail, outcome.detail), outcome.detail
     store = fault_csi.driver.store
     assert fault_csi.mounts_under_kubelet() == []
     assert not fault_csi.kubelet.target_path(fault_csi.volumes[-1]).exists()
     assert fault_csi.driver.records.all() == []
     if case.fault is None:
+        assert case.attempts is not None, "a refused connection is counted at the client: say how many"
         assert [a for a in connects if a == ("127.0.0.1", proxy.port)] == [("127.0.0.1", proxy.port)] * case.attempts
     elif case.attempts is not None:
         assert proxy.count(request_pattern(pushed, case.where)) == case.attempts, proxy.seen()
@@ -253,6 +269,26 @@ def test_a_download_outlives_the_call_and_the_retry_joins_it(
     fault_csi.kubelet.unmount(volume)
 
 
+# -- the proxy's own faults ------------------------------------------------------
+
+
+def test_the_proxys_reset_comes_after_the_bytes_it_promised(proxy: fp.FaultProxy, pusher: Pusher) -> None:
+    """A reset throws away what is still in the proxy's send queue: the proxy waits until the client's kernel
+    has the promised bytes (3 MiB, more than the socket buffers hold), so "reset after N bytes" means N."""
+    large = pusher.wasm_artifact("faults/reset", "v1", make_module(4 * 1024 * 1024, "reset"))
+    promised = 3 * 1024 * 1024
+    proxy.add(request_pattern(large, "blob"), fp.reset_after(promised))
+    received = bytearray()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader: the proxy's queue fills
+        client.connect(("127.0.0.1", proxy.port))
+        client.sendall(f"GET /v2/faults/reset/blobs/{large.layer_digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1024):
+                received += chunk
+    assert len(received.partition(b"\r\n\r\n")[2]) == promised
+
+
 # -- retry arithmetic, driven directly ---------------------------------------------
 
 
@@ -321,13 +357,16 @@ def test_retry_after_as_a_date_in_the_future() -> None:
 
 
 def test_a_manifest_call_never_outlives_its_deadline(proxy: fp.FaultProxy, pushed: Pushed) -> None:
-    proxy.add(request_pattern(pushed, "manifest"), fp.drip(60.0, pieces=600))
-    client = RegistryClient(NodeConfig(pull=fault_pull_config()).with_insecure([proxy.host]))
-    started = time.monotonic()
+    """The call's deadline (1.5 s) is the only bound shorter than the drip: reads 60 s, so the client's own
+    bound for a manifest is 120 s. Without the deadline the drip would end and the manifest arrive."""
+    manifest = request_pattern(pushed, "manifest")
+    proxy.add(manifest, fp.drip(SLOW_FAULT_SECONDS, pieces=600))
+    config = replace(fault_pull_config(), read_timeout_seconds=60.0)
+    client = RegistryClient(NodeConfig(pull=config).with_insecure([proxy.host]))
     try:
         with pytest.raises(RegistryError, match="deadline"):
             client.fetch_manifest(parse_reference(_proxied(pushed, proxy)), None, deadline=time.monotonic() + 1.5)
-        assert time.monotonic() - started < 30.0  # the drip would take 60 s
+        assert proxy.finished(manifest) == 0  # cut short mid-drip
     finally:
         client.close()
 
@@ -360,14 +399,16 @@ def test_kill_9_mid_publish_leaves_a_clean_store_and_a_retry_that_works(
 def test_a_publish_never_waits_longer_than_max_wait_for_a_download(
     proxy: fp.FaultProxy, tmp_path: pathlib.Path, pushed: Pushed
 ) -> None:
-    proxy.add(request_pattern(pushed, "blob"), fp.drip(600.0, pieces=600))
-    running = _start(tmp_path, proxy, max_wait_seconds=1.0)
+    """max_wait (1 s) is the only bound shorter than the download (a drip that ends after 90 s, inside
+    kubelet's 120 s): without it the publish would wait for the download and succeed."""
+    blob = request_pattern(pushed, "blob")
+    proxy.add(blob, fp.drip(SLOW_FAULT_SECONDS, pieces=600))
+    running = _start(tmp_path, proxy, max_wait_seconds=1.0, download_timeout_seconds=KUBELET_DEADLINE_SECONDS)
     try:
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as failure:
             running.kubelet.mount(running.volume(_proxied(pushed, proxy)), timeout=KUBELET_DEADLINE_SECONDS)
         assert failure.value.code() == UNAVAILABLE and "continues" in (failure.value.details() or "")
-        assert time.monotonic() - started < KUBELET_DEADLINE_SECONDS / 2  # 1 s, not the call's 119 s
+        assert proxy.finished(blob) == 0 and any(running.driver.store.tmp_dir.iterdir())  # still downloading
     finally:
         proxy.clear()
         stop_driver(running)

@@ -46,6 +46,11 @@ NODE_NAME = "e2e-node"
 PUBLIC_MODULE = make_module(96 * 1024, "e2e-public")
 PRIVATE_MODULE = make_module(48 * 1024, "e2e-private")
 MiB = 1024 * 1024
+# What a pod's life (two publishes, a TLS session to the private registry, container restarts, a metrics
+# scrape) may add to the driver's RSS over its own baseline once ready: about 2 MiB measured, so a
+# module held in memory per publish, or a session per call, shows; the baseline itself (Python, grpcio,
+# cryptography) moves with library versions and is not asserted.
+RSS_GROWTH_BUDGET = 16 * MiB
 
 
 def manifests(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -60,11 +65,6 @@ DAEMONSET_DOCS = manifests(DEPLOY / "daemonset.yaml")
 DRIVER_CONTAINER = next(
     c for c in find(DAEMONSET_DOCS, "DaemonSet")["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-wasm"
 )
-
-
-def quantity_bytes(text: str) -> int:
-    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", text).groups()  # type: ignore[union-attr]
-    return int(number) * {None: 1, "Ki": 1024, "Mi": MiB, "Gi": 1024 * MiB}[unit]
 
 
 # -- the driver process, started as the DaemonSet starts it -------------------------------------
@@ -289,6 +289,10 @@ def rss_bytes(pid: int, key: str = "VmRSS") -> int:
     raise AssertionError(f"{key} missing from /proc/{pid}/status")
 
 
+def mount_points_under(directory: pathlib.Path) -> list[str]:
+    return sorted(m.mount_point for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{directory}/"))
+
+
 def module_file(target: pathlib.Path, name: str = "plugin.wasm") -> pathlib.Path:
     return target / name
 
@@ -305,6 +309,7 @@ def test_pod_lifecycle_create_container_restart_delete(
     node: Node, public_image: str, private_image: str, private_registry: LocalRegistry
 ) -> None:
     registered(node)
+    baseline_rss, baseline_peak = rss_bytes(node.driver.pid), rss_bytes(node.driver.pid, "VmHWM")
     prober = Prober(node.endpoint)
     prober.start()
 
@@ -344,11 +349,10 @@ def test_pod_lifecycle_create_container_restart_delete(
     assert module_file(mount_point).read_bytes() == PUBLIC_MODULE
     assert len(node.driver.events("publish")) + len(node.driver.events("unpublish")) == calls_before
 
-    # sized from measurements: the DaemonSet's memory request covers what the driver uses here
-    request = quantity_bytes(DRIVER_CONTAINER["resources"]["requests"]["memory"])
-    limit = quantity_bytes(DRIVER_CONTAINER["resources"]["limits"]["memory"])
-    assert rss_bytes(node.driver.pid) < request, "the driver outgrew the DaemonSet's memory request"
-    assert rss_bytes(node.driver.pid, "VmHWM") < limit
+    # memory: growth over the same process's baseline, now and at its peak
+    grown = rss_bytes(node.driver.pid) - baseline_rss
+    peak = rss_bytes(node.driver.pid, "VmHWM") - baseline_peak
+    assert max(grown, peak) < RSS_GROWTH_BUDGET, f"RSS grew {grown / MiB:.1f} MiB, its peak {peak / MiB:.1f} MiB"
 
     # the readiness probe's endpoint and the metrics the DaemonSet advertises to Prometheus
     with urllib.request.urlopen(node.driver.metrics_url("/healthz"), timeout=5) as response:
@@ -360,16 +364,16 @@ def test_pod_lifecycle_create_container_restart_delete(
     answers, failures = prober.stop()
     assert failures == 0 and answers > 0, f"Probe failed {failures} times while the pod was running"
 
-    # delete: the containers stop, kubelet tears the volumes down, then removes the pod directory
+    # delete: the containers stop, kubelet tears the volumes down, then removes the pod directory.
+    # The container's exit takes only its own bind away: the driver's two mounts stay until unpublish.
     proxy.stop()
-    with pytest.raises(AssertionError, match="still has mounts"):
-        node.kubelet.delete_pod(pod_uid)  # not before its volumes are gone
+    assert mount_points_under(node.kubelet_dir / "pods" / pod_uid) == sorted([str(filter_target), str(authz_target)])
     node.kubelet.unmount(filter_volume)
     node.kubelet.unmount(authz_volume)
     assert not filter_target.parent.exists() and not authz_target.parent.exists()
     node.kubelet.delete_pod(pod_uid)
     assert not (node.kubelet_dir / "pods" / pod_uid).exists()
-    assert not [m for m in LinuxMounter().mounts() if m.mount_point.startswith(f"{node.kubelet_dir}/pods/")]
+    assert mount_points_under(node.kubelet_dir / "pods") == []
 
     assert node.driver.terminate() == 0
     assert not node.driver.socket.exists(), "the driver left its socket behind after SIGTERM"

@@ -51,12 +51,15 @@ class RegistryClient:
         node: NodeConfig,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        token_clock: Callable[[], float] | None = None,
     ) -> None:
         self._node = node
         self._pull: PullConfig = node.pull
         self._clock = clock
         self._transport = Transport(node, clock)
-        self._auth = Authenticator(self._transport.allowed_networks, clock)
+        # Tokens age on ``token_clock`` (default: ``clock``), a seam of its own: a test steps it past a
+        # token's lifetime, while the deadlines, which the gRPC calls set on the real clock, stay on ``clock``.
+        self._auth = Authenticator(self._transport.allowed_networks, token_clock or clock)
         self._retrier = Retrier(self._pull.attempts, clock, sleep)
         self._mirrors = MirrorHealth(clock)
 
