@@ -76,7 +76,9 @@ def test_a_mutation_whose_text_moved_or_repeats_is_refused() -> None:
 
 def test_verdicts_follow_pytests_exit_code() -> None:
     mutation = MUTATIONS[0]
-    output = "...\nFAILED tests/test_x.py::test_y[a b] - AssertionError\n1 failed, 3 passed\n"
+    output = ("ERROR    csi_wasm.recovery:logs.py:32 repair.tampered_mount\n"  # a captured log line, not a test
+              "=========== short test summary info ===========\n"
+              "FAILED tests/test_x.py::test_y[a b] - AssertionError\n1 failed, 3 passed\n")  # fmt: skip
     killed = judge(mutation, 1, output, 1.0)
     assert (killed.status, killed.detail) == ("KILLED", "tests/test_x.py::test_y[a b]")
     assert judge(mutation, 0, "4 passed", 1.0).status == "SURVIVED"

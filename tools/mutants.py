@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tools.mutants [--only ID ...] [--list] [--no-baseline] [--logs DIR]
 
-Each mutation of ``tools.mutations.MUTATIONS`` is applied to a fresh copy of the
+Each mutation of the catalogue (``tools/mutations.py``) is applied to a fresh copy of the
 repository (the working tree is never edited, so others can keep working in it), and
 pytest runs the mutation's tests there, stopping at the first failure. One line per
 mutation: KILLED (a test failed: the guard is tested), SURVIVED (every test passed:
@@ -20,6 +20,7 @@ copy from a directory outside it with no ``PYTHONPATH``.
 
 Before the mutations, a baseline run of all the selected tests on an unmutated copy
 must pass: otherwise a test that fails anyway would count as killing every mutation.
+The exit status is 0 when every mutation was killed or judged harmless, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ COPY_IGNORE = shutil.ignore_patterns(
 )  # fmt: skip
 # A run that outlives this is stopped and reported as an ERROR (pytest-timeout ends one test after 300 s first).
 RUN_TIMEOUT_SECONDS = 1800.0
-# pytest's short summary: "FAILED <node id> - <message>" (node ids may hold spaces: test_fault[wrong bytes (blob)])
-_FIRST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
+# pytest's short summary: "FAILED <node id> - <message>" (node ids may hold spaces: test_fault[wrong bytes (blob)]);
+# read after its heading only, since captured log lines of level ERROR start the same way
+_SUMMARY = "short test summary info"
+_FIRST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (\S+\.py(?:::.+?)?)(?: - .*)?$", re.MULTILINE)
 
 
 class CatalogueError(Exception):
@@ -155,8 +158,8 @@ class Verdict:
 
 def run_tests(sandbox: Sandbox, tests: Sequence[str], timeout: float) -> tuple[int | None, str]:
     """pytest on ``tests`` in the copy, stopping at the first failure: (exit code or None on timeout, output)."""
-    command = [str(sandbox.python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--rootdir", str(sandbox.tree),
-               *tests]  # fmt: skip
+    command = [str(sandbox.python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               "--rootdir", str(sandbox.tree), *tests]  # fmt: skip
     try:
         done = subprocess.run(command, cwd=sandbox.tree, env=sandbox.env(), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -173,10 +176,14 @@ def judge(mutation: Mutation, code: int | None, output: str, seconds: float) -> 
     if code == 0:
         return Verdict(mutation, "SURVIVED", seconds, "")
     if code == 1:  # pytest: some test failed
-        failed = _FIRST_FAILURE.search(output)
-        return Verdict(mutation, "KILLED", seconds, failed.group(1) if failed else "(a test failed)")
+        return Verdict(mutation, "KILLED", seconds, first_failure(output) or "(a test failed)")
     why = "timed out" if code is None else f"pytest exit code {code}"
     return Verdict(mutation, "ERROR", seconds, f"{why}: {_last_line(output)}")
+
+
+def first_failure(output: str) -> str | None:
+    failed = _FIRST_FAILURE.search(output.rpartition(_SUMMARY)[2])
+    return failed.group(1) if failed else None
 
 
 def _last_line(output: str) -> str:
@@ -203,9 +210,8 @@ def baseline(sandbox: Sandbox, mutations: Iterable[Mutation], timeout: float) ->
     started = time.monotonic()
     code, output = run_tests(sandbox, tests, timeout)
     if code != 0:
-        failed = _FIRST_FAILURE.search(output)
         raise SystemExit(
-            f"baseline: the selected tests fail without any mutation ({failed.group(1) if failed else _last_line(output)}); "
+            f"baseline: the selected tests fail without any mutation ({first_failure(output) or _last_line(output)}); "
             "fix that first"
         )
     print(f"baseline  {time.monotonic() - started:7.1f}s  {len(tests)} test selections pass unmutated", flush=True)
@@ -251,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
     parser.add_argument("--logs", type=Path, help="keep each mutation's pytest output in this directory")
-    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_SECONDS, help="seconds per pytest run (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_SECONDS,
+                        help="seconds per pytest run (default: %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
     mutations = select(args.only)
     if args.list:
