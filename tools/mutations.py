@@ -107,7 +107,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if layer.size > self._layer_cap(layer):",
         new="        if False:",
         guard="a layer declared larger than pull.max_module_bytes is refused before it is downloaded",
-        tests=("tests/test_registries.py::test_size_caps_are_enforced",),
+        tests=("tests/test_guard_size_limits.py::test_a_layer_declared_over_the_cap_is_refused_before_it_is_downloaded",
+               "tests/test_registries.py::test_size_caps_are_enforced"),  # fmt: skip
     ),
     Mutation(
         id="manifest-streaming-size-cap",
@@ -125,6 +126,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         guard="a body announced larger than pull.max_manifest_bytes is refused unread",
         tests=("tests/test_registries.py::test_size_caps_are_enforced",
                "tests/test_faults.py::test_fault[oversized manifest (5 MiB)]"),  # fmt: skip
+        harmless=(
+            "defence in depth: the streaming cap (manifest-streaming-size-cap, killed) stops the same body at the"
+            " same limit; this check only spares reading up to max_manifest_bytes of it"
+        ),
     ),
     Mutation(
         id="wasm-magic-while-streaming",
@@ -134,6 +139,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         guard="a layer whose first bytes are not a Wasm header is refused as soon as they arrive",
         tests=("tests/test_layouts.py::test_a_non_wasm_layer_is_refused_and_nothing_is_stored",
                "tests/test_faults.py::test_fault[endless chunked body (blob)]"),  # fmt: skip
+        harmless=(
+            "defence in depth: the same header check runs at commit (wasm-magic-at-commit, killed) and the body "
+            "is cut at its declared size (blob-past-declared-size, killed); this one only stops reading a non-"
+            "Wasm body early"
+        ),
     ),
     Mutation(
         id="wasm-magic-at-commit",
@@ -151,7 +161,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if self._inflated > self._max_inflated:",
         new="        if False:",
         guard="a compat layer may not inflate past INFLATE_FACTOR times the module cap (gzip bomb)",
-        tests=("tests/test_hostile_input.py::test_a_gzip_bomb_is_refused_early",),
+        tests=("tests/test_guard_compat_layers.py::test_a_layer_that_inflates_past_the_cap_before_its_module_is_refused",
+               "tests/test_hostile_input.py::test_a_gzip_bomb_is_refused_early"),  # fmt: skip
     ),
     Mutation(
         id="compat-entry-size-cap",
@@ -160,6 +171,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         new="            if False:",
         guard="a compat layer's plugin.wasm entry declared over the module cap is refused before it is read",
         tests=("tests/test_hostile_input.py::test_a_gzip_bomb_is_refused_early",),
+        harmless=(
+            "defence in depth: the store's streaming cap (store-streaming-size-cap, killed) refuses the same "
+            "entry at the same limit; this check only spares reading up to max_module_bytes of it"
+        ),
     ),
     Mutation(
         id="compat-entry-name",
@@ -176,7 +191,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old='            if member.kind != "file":',
         new="            if False:",
         guard="a compat layer's plugin.wasm entry must be a regular file (not a link, device, sparse or other)",
-        tests=("tests/test_hostile_input.py::test_hostile_compat_layers_through_grpc",
+        tests=("tests/test_guard_compat_layers.py::test_a_plugin_wasm_that_is_not_a_regular_file_is_refused_even_holding_a_module",
+               "tests/test_hostile_input.py::test_hostile_compat_layers_through_grpc",
                "tests/test_hostile_input.py::test_compat_layers_never_write_outside_the_store"),  # fmt: skip
     ),
     Mutation(
@@ -201,7 +217,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if value < 0:",
         new="        if False:",
         guard="a tar header with a negative (base-256) size is refused",
-        tests=("tests/test_tarstream.py::test_a_damaged_archive_is_refused",),
+        tests=("tests/test_guard_compat_layers.py::test_a_negative_size_in_a_tar_header_is_refused",
+               "tests/test_tarstream.py::test_a_damaged_archive_is_refused"),  # fmt: skip
     ),
     Mutation(
         id="tar-pax-record-bounds",
@@ -258,7 +275,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        return own if deadline is None else min(own, deadline)",
         new="        return own",
         guard="a manifest or token exchange ends at the calling gRPC request's deadline",
-        tests=("tests/test_faults.py::test_a_manifest_call_never_outlives_its_deadline",),
+        tests=("tests/test_guard_availability.py::test_a_manifest_exchange_ends_at_the_calls_deadline_before_its_own",
+               "tests/test_faults.py::test_a_manifest_call_never_outlives_its_deadline"),  # fmt: skip
     ),
     Mutation(
         id="max-wait-for-download",
@@ -420,7 +438,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if record is None:\n            return Decision.PROVE_POSSESSION",
         new="        if record is None:\n            return Decision.SHARE",
         guard="a module without an access record is treated as private elsewhere (rule 3)",
-        tests=("tests/test_isolation.py",),
+        tests=("tests/test_guard_access.py::test_a_module_without_an_access_record_is_not_shared",
+               "tests/test_isolation.py"),  # fmt: skip
     ),
     Mutation(
         id="access-after-fetch-origin",
@@ -585,7 +604,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="    if flags & ST_READ_ONLY != ST_READ_ONLY or not same_file:",
         new="    if False:",
         guard="a bind that is not ro,nosuid,nodev,noexec (or not of the view) is never attached",
-        tests=("tests/test_mounts.py", "tests/test_conformance.py"),
+        tests=("tests/test_guard_mounts.py::test_a_kernel_that_ignores_mount_setattr_gets_nothing_attached",
+               "tests/test_guard_mounts.py::test_a_read_only_remount_that_is_not_applied_gets_nothing_attached",
+               "tests/test_mounts.py",
+               "tests/test_conformance.py"),  # fmt: skip
     ),
     Mutation(
         id="mount-shows-the-view",
@@ -593,7 +615,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="            if not _same_file(os.stat(source), os.lstat(target.at)):",
         new="            if False:",
         guard="after attaching, the target must show the view, or the mount is undone",
-        tests=("tests/test_mounts.py", "tests/test_conformance.py"),
+        tests=("tests/test_guard_mounts.py::test_a_target_swapped_during_the_attach_is_not_reported_as_published",
+               "tests/test_mounts.py",
+               "tests/test_conformance.py"),  # fmt: skip
     ),
     Mutation(
         id="target-walk-no-symlinks",
@@ -612,6 +636,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         guard="the openat2 walk to a target stays beneath kubelet's pods dir",
         tests=("tests/test_mounts.py", "tests/test_hostile_input.py::test_target_paths_stay_in_the_pods_tree",
                "tests/test_conformance.py"),  # fmt: skip
+        harmless=(
+            "equivalent here: the walk gets a normalized relative path (no '..', never absolute, "
+            "targets.canonical) and RESOLVE_NO_SYMLINKS (target-walk-no-symlinks, killed) refuses every link, so "
+            "it cannot leave the pods dir"
+        ),
     ),
     Mutation(
         id="target-walk-nofollow-fallback",
@@ -627,7 +656,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if moved:",
         new="        if False:",
         guard="a target parent replaced during a slow pull gets nothing mounted",
-        tests=("tests/test_mounts.py::test_a_volume_dir_swapped_for_a_symlink_during_a_slow_pull_gets_nothing_mounted",),
+        tests=("tests/test_guard_mounts.py::test_a_volume_dir_replaced_by_another_directory_during_a_slow_pull_gets_nothing_mounted",
+               "tests/test_mounts.py::test_a_volume_dir_swapped_for_a_symlink_during_a_slow_pull_gets_nothing_mounted"),  # fmt: skip
     ),
     Mutation(
         id="target-of-another-pod",
@@ -701,7 +731,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="            return seal.matches(os.lstat(self._store.module_path(digest))) and seal.matches(os.lstat(link))",
         new="            return seal.matches(os.lstat(self._store.module_path(digest)))",
         guard="a view linked to another file than the module breaks the seal",
-        tests=("tests/test_integrity.py",),
+        tests=("tests/test_guard_integrity.py::test_a_view_linked_to_another_file_is_linked_to_the_module_again",
+               "tests/test_integrity.py"),  # fmt: skip
     ),
     Mutation(
         id="seal-covers-the-mode",
@@ -833,7 +864,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="            if sum(self._pulling.values()) >= self.total:",
         new="            if False:",
         guard="at most pull.max_pulling_publishes publishes wait on registries in all",
-        tests=("tests/test_availability.py::test_a_dripping_registry_next_to_a_healthy_one",),
+        tests=("tests/test_guard_availability.py::test_the_nodes_total_admission_holds_across_registries",
+               "tests/test_availability.py::test_a_dripping_registry_next_to_a_healthy_one"),  # fmt: skip
     ),
     Mutation(
         id="config-negative-values",
@@ -857,7 +889,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="        if len(key) + len(value) > MAX_ATTRIBUTE_BYTES:",
         new="        if False:",
         guard="a volume attribute longer than 4 KiB is INVALID_ARGUMENT",
-        tests=("tests/test_pod_input.py::test_a_huge_image_attribute_makes_a_bounded_log_line",
+        tests=("tests/test_guard_size_limits.py::test_an_attribute_over_4_kib_is_invalid_even_one_the_driver_ignores",
+               "tests/test_pod_input.py::test_a_huge_image_attribute_makes_a_bounded_log_line",
                "tests/test_hostile_input.py::test_known_bad_attributes_are_invalid"),  # fmt: skip
     ),
     Mutation(
@@ -866,7 +899,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="    if len(context) > MAX_ATTRIBUTES:",
         new="    if False:",
         guard="more than 64 volume attributes is INVALID_ARGUMENT",
-        tests=("tests/test_hostile_input.py::test_known_bad_attributes_are_invalid",
+        tests=("tests/test_guard_size_limits.py::test_more_than_64_attributes_are_invalid_even_ones_the_driver_ignores",
+               "tests/test_hostile_input.py::test_known_bad_attributes_are_invalid",
                "tests/test_hostile_input.py::test_volume_attributes_are_parsed_or_refused_precisely"),  # fmt: skip
     ),
 )
