@@ -129,6 +129,21 @@ def _stored_by_another_puller(csi: RunningDriver, modules: list[Pushed], node_co
         puller.close()
 
 
+def test_gc_never_takes_a_module_a_publish_in_flight_has_pinned(
+    csi: RunningDriver, modules: list[Pushed], node_config: NodeConfig
+) -> None:
+    """Between the store lookup and the record, a publish holds only a pin: the collector must honour it."""
+    _stored_by_another_puller(csi, modules[:1], node_config)
+    digest = modules[0].module_digest
+    assert csi.driver.pins.pin_if_present(digest, csi.driver.store.has)
+    try:
+        report = _collector(csi, time.time() + 10 * DAY, gc_grace_seconds=0).collect()
+        assert digest not in report.removed and csi.driver.store.has(digest)
+    finally:
+        csi.driver.pins.unpin(digest)
+    assert digest in _collector(csi, time.time() + 10 * DAY, gc_grace_seconds=0).collect().removed
+
+
 def test_gc_racing_publishes_never_breaks_a_publish(
     csi: RunningDriver, modules: list[Pushed], node_config: NodeConfig
 ) -> None:

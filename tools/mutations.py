@@ -46,7 +46,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         id="compat-layer-digest-check",
-        file="csi_wasm/pull.py",
+        file="csi_wasm/layerfetch.py",
         old="            if reader.digest != layer.digest:",
         new="            if False:",
         guard="a compat (tar+gzip) layer must hash to its descriptor's digest",
@@ -104,7 +104,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         id="layer-size-cap",
         file="csi_wasm/pull.py",
-        old="        if layer.size > self._layer_cap(layer):",
+        old="        if layer.size > self._layers.cap(layer):",
         new="        if False:",
         guard="a layer declared larger than pull.max_module_bytes is refused before it is downloaded",
         tests=("tests/test_guard_size_limits.py::test_a_layer_declared_over_the_cap_is_refused_before_it_is_downloaded",
@@ -157,7 +157,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- compat layers: gzip and tar bounds -------------------------------------------------------------
     Mutation(
         id="gzip-inflate-cap",
-        file="csi_wasm/pull.py",
+        file="csi_wasm/layerfetch.py",
         old="        if self._inflated > self._max_inflated:",
         new="        if False:",
         guard="a compat layer may not inflate past INFLATE_FACTOR times the module cap (gzip bomb)",
@@ -166,7 +166,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         id="compat-entry-size-cap",
-        file="csi_wasm/pull.py",
+        file="csi_wasm/layerfetch.py",
         old="            if member.size > self._config.max_module_bytes:",
         new="            if False:",
         guard="a compat layer's plugin.wasm entry declared over the module cap is refused before it is read",
@@ -178,7 +178,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         id="compat-entry-name",
-        file="csi_wasm/pull.py",
+        file="csi_wasm/layerfetch.py",
         old='            if member.name.startswith("/") or ".." in member.name.split("/"):',
         new="            if False:",
         guard="a compat layer's plugin.wasm entry with an absolute or '..' name is refused",
@@ -187,7 +187,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         id="compat-entry-regular-file",
-        file="csi_wasm/pull.py",
+        file="csi_wasm/layerfetch.py",
         old='            if member.kind != "file":',
         new="            if False:",
         guard="a compat layer's plugin.wasm entry must be a regular file (not a link, device, sparse or other)",
@@ -823,6 +823,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         new="    if True:",
         guard="the driver refuses to start when kubelet's pods dir is not a shared mount",
         tests=("tests/test_mounts.py::test_only_a_shared_pods_dir_passes_the_start_up_check",),
+    ),
+    # -- garbage collection (csi_wasm/gc.py) ---------------------------------------------------------------
+    Mutation(
+        id="gc-honours-pins",
+        file="csi_wasm/gc.py",
+        old="                if self.records.references()[module.digest] or module.digest in pinned:",
+        new="                if self.records.references()[module.digest]:",
+        guard="a module pinned by a publish in flight (no record yet) is never collected",
+        tests=("tests/test_lifecycle.py::test_gc_never_takes_a_module_a_publish_in_flight_has_pinned",),
+    ),
+    Mutation(
+        id="gc-grace-period",
+        file="csi_wasm/gc.py",
+        old="            if now - module.last_used < self.config.gc_grace_seconds and excess <= 0:",
+        new="            if False:",
+        guard="an unreferenced module under the store cap is kept for gc_grace_seconds after its last use",
+        tests=("tests/test_lifecycle.py::test_gc_keeps_referenced_modules_and_unused_ones_until_the_grace_period_ends",),
+    ),
+    Mutation(
+        id="gc-protected",
+        file="csi_wasm/gc.py",
+        old="            if references[module.digest] or module.digest in protected:",
+        new="            if references[module.digest]:",
+        guard="pre-pulled modules and fresh downloads are never collected",
+        tests=("tests/test_lifecycle.py",),
+    ),
+    Mutation(
+        id="gc-shield-before-the-module-appears",
+        file="csi_wasm/store.py",
+        old="            if landing is not None:\n                landing(digest)\n",
+        new="",
+        guard="a download is shielded from the collector before its module appears in the store",
+        tests=("tests/test_lifecycle.py::test_a_download_is_shielded_from_the_collector_before_it_appears_in_the_store",),
     ),
     # -- the node's own resources: disk, workers, configuration --------------------------------------------
     Mutation(
