@@ -8,6 +8,7 @@ as it is on a node: the driver refuses to start otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import subprocess
 import time
@@ -21,9 +22,11 @@ from csi_wasm.config import DriverConfig, NodeConfig, PullConfig
 from csi_wasm.demo.kubelet import InlineVolume, Kubelet, new_pod_uid
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry, RegistryAuth
-from csi_wasm.mounts import LinuxMounter, Mounter, enter_private_mount_namespace, unmount_path
+from csi_wasm import syscalls
+from csi_wasm.mounts import LinuxMounter, Mounter, enter_private_mount_namespace, read_mountinfo, unmount_path
 from csi_wasm.registry import RegistryClient
 from csi_wasm.server import BackgroundServer, Driver
+from csi_wasm.targets import Targets
 from csi_wasm.topology import share_directory
 
 if TYPE_CHECKING:
@@ -229,3 +232,34 @@ def driver_process(tmp_path: pathlib.Path, *extra: str, global_args: tuple[str, 
             "--driver-name", DRIVER_NAME, "--state-dir", str(tmp_path / "state"),
             "--kubelet-dir", str(tmp_path / "kubelet"), *extra]  # fmt: skip
     return DriverProcess(args, socket)
+
+
+# -- mount helpers shared by the mount tests ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(directory: pathlib.Path) -> Iterator[None]:
+    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
+    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
+    try:
+        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+        yield
+    finally:
+        unmount_path(directory)
+
+
+@contextlib.contextmanager
+def mount_tree(root: pathlib.Path, module: bytes) -> Iterator[tuple[pathlib.Path, pathlib.Path, Targets]]:
+    """A view directory holding ``module``, and kubelet's pods dir as a shared mount with a pod's volume dir:
+    (view, target, targets). Every mount made under ``root`` is removed afterwards."""
+    view = root / "store" / "views" / "x" / "plugin.wasm"
+    view.mkdir(parents=True)
+    (view / "plugin.wasm").write_bytes(module)
+    share_directory(root / "kubelet" / "pods")
+    volume_dir = root / "kubelet" / "pods" / "uid" / "volumes" / "kubernetes.io~csi" / "vol"
+    volume_dir.mkdir(parents=True)
+    try:
+        yield view, volume_dir / "mount", Targets(root / "kubelet")
+    finally:
+        for point in sorted((m.mount_point for m in read_mountinfo() if m.mount_point.startswith(f"{root}/")), reverse=True):
+            unmount_path(pathlib.Path(point))

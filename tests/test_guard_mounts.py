@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 import faultproxy as fp
-from conftest import RunningDriver, fast_pull_config, start_driver, stop_driver, wait_for
+from conftest import RunningDriver, fast_pull_config, mount_tree, start_driver, stop_driver, wait_for
 from csi_wasm import syscalls
 from csi_wasm.config import NodeConfig
 from csi_wasm.demo.push import Pusher
@@ -29,23 +29,14 @@ from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import MountError
 from csi_wasm.mounts import READ_ONLY_FLAGS, LinuxMounter, read_mountinfo, unmount_path
 from csi_wasm.targets import Targets
-from csi_wasm.topology import share_directory
 
 MODULE = make_module(8 * 1024, "guard-mounts")
 
 
 @pytest.fixture
 def tree(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, pathlib.Path, Targets]]:
-    """A view directory holding a module, and kubelet's pods dir as a shared mount with a pod's volume dir."""
-    view = tmp_path / "store" / "views" / "x" / "plugin.wasm"
-    view.mkdir(parents=True)
-    (view / "plugin.wasm").write_bytes(MODULE)
-    share_directory(tmp_path / "kubelet" / "pods")
-    volume_dir = tmp_path / "kubelet" / "pods" / "uid" / "volumes" / "kubernetes.io~csi" / "vol"
-    volume_dir.mkdir(parents=True)
-    yield view, volume_dir / "mount", Targets(tmp_path / "kubelet")
-    for point in sorted((m.mount_point for m in read_mountinfo() if m.mount_point.startswith(f"{tmp_path}/")), reverse=True):
-        unmount_path(pathlib.Path(point))
+    with mount_tree(tmp_path, MODULE) as made:
+        yield made
 
 
 def _mounts_under(path: pathlib.Path) -> list[str]:

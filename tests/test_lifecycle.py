@@ -3,7 +3,6 @@ pre-pull and the operator commands. Real mounts, real registry, the real driver.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pathlib
@@ -14,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 import pytest
@@ -36,7 +35,7 @@ from csi_wasm.logs import EVENT_FIELDS
 from csi_wasm import syscalls
 from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, unmount_path
 
-from conftest import RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver, wait_for
+from conftest import RunningDriver, driver_process, fast_pull_config, read_only, start_driver, stop_driver, wait_for
 
 DAY = 24 * 3600.0
 
@@ -523,17 +522,6 @@ def test_prepull_failures_are_logged_one_by_one_and_the_driver_serves_anyway(
             running.kubelet.unmount(served)
         finally:
             stop_driver(running)
-
-
-@contextlib.contextmanager
-def read_only(directory: pathlib.Path) -> Iterator[None]:
-    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
-    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
-    try:
-        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
-        yield
-    finally:
-        unmount_path(directory)
 
 
 def test_an_unforeseen_prepull_failure_is_logged_and_the_rest_is_still_pre_pulled(

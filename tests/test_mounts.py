@@ -16,29 +16,20 @@ from csi_wasm.config import ConfigError, NodeConfig
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import InvalidRequest, MountError
-from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, mount_holding, read_mountinfo, unmount_path
+from csi_wasm.mounts import REQUIRED_OPTIONS, LinuxMounter, mount_holding, unmount_path
 from csi_wasm.targets import Targets
 from csi_wasm.topology import require_shared_pods_dir, share_directory
 
 import faultproxy as fp
-from conftest import RunningDriver, code_of, fast_pull_config, start_driver, stop_driver, wait_for
+from conftest import RunningDriver, code_of, fast_pull_config, mount_tree, start_driver, stop_driver, wait_for
 
 MODULE = make_module(8 * 1024, "mounts")
 
 
 @pytest.fixture
 def tree(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, pathlib.Path, Targets]]:
-    """A view directory holding a module, and kubelet's pods dir as a shared mount with a pod's volume dir."""
-    view = tmp_path / "store" / "views" / "x" / "plugin.wasm"
-    view.mkdir(parents=True)
-    (view / "plugin.wasm").write_bytes(MODULE)
-    share_directory(tmp_path / "kubelet" / "pods")
-    (tmp_path / "kubelet" / "pods" / "uid" / "volumes" / "kubernetes.io~csi" / "vol").mkdir(parents=True)
-    yield view, tmp_path / "kubelet" / "pods" / "uid" / "volumes" / "kubernetes.io~csi" / "vol" / "mount", Targets(
-        tmp_path / "kubelet"
-    )
-    for point in sorted((m.mount_point for m in read_mountinfo() if m.mount_point.startswith(f"{tmp_path}/")), reverse=True):
-        unmount_path(pathlib.Path(point))
+    with mount_tree(tmp_path, MODULE) as made:
+        yield made
 
 
 @pytest.mark.parametrize("new_api", [True, False], ids=["open_tree", "staging"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ from csi_wasm.demo.kubelet import InlineVolume, Kubelet
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.registry import LocalRegistry
 from csi_wasm.demo.wasm_modules import make_module, sha256_digest
-from csi_wasm import syscalls
 from csi_wasm.gc import GarbageCollector
 from csi_wasm.http import MetricsServer
 from csi_wasm.server import Driver
@@ -33,7 +31,7 @@ from csi_wasm.topology import share_directory
 
 import faultproxy as fp
 from conftest import DRIVER_NAME, PRIVATE_AUTH, RunningDriver, driver_process, fast_pull_config, start_driver, stop_driver
-from conftest import wait_for
+from conftest import read_only, wait_for
 from faultproxy import FaultProxy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -324,17 +322,6 @@ class KeptRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-@contextlib.contextmanager
-def read_only(directory: pathlib.Path) -> Iterator[None]:
-    """``directory`` on a read-only bind of itself, as if its filesystem had been remounted read-only."""
-    syscalls.mount(bytes(directory), bytes(directory), syscalls.MS_BIND)
-    try:
-        syscalls.mount(b"none", bytes(directory), syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
-        yield
-    finally:
-        unmount_path(directory)
 
 
 def test_an_unforeseen_error_is_internal_counted_and_logged_with_its_trace(
