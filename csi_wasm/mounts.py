@@ -101,13 +101,17 @@ class LinuxMounter:
 
     def bind_read_only(self, source: pathlib.Path, target: MountTarget) -> None:
         """Attach a ro,nosuid,nodev,noexec bind of ``source`` at ``target``; verified, undone on failure."""
-        self._binder.bind(source, target)
+        attached = self._binder.bind(source, target)
         try:
             if not _same_file(os.stat(source), os.lstat(target.at)):
                 raise MountError(f"mount at {target.path} does not show {source} after attaching it")
         except BaseException:
-            _umount(target.at, UMOUNT_NOFOLLOW | MNT_DETACH, target.path)
+            # undone through the mount's own descriptor: a target directory swapped during the attach took
+            # the mount with it, and a path would name the directory that took its place instead
+            _umount(f"/proc/self/fd/{attached}", MNT_DETACH, target.path)
             raise
+        finally:
+            os.close(attached)
 
     def unmount(self, target: MountTarget) -> None:
         """Unmount what is on top at ``target``; if a process holds the module open (EBUSY), detach it
@@ -141,7 +145,8 @@ class DetachedBinder:
 
     method = "open_tree"
 
-    def bind(self, source: pathlib.Path, target: MountTarget) -> None:
+    def bind(self, source: pathlib.Path, target: MountTarget) -> int:
+        """Attach; a descriptor of the attached mount's root (the caller closes it)."""
         try:
             tree = syscalls.open_tree(bytes(source), syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC)
         except OSError as exc:
@@ -159,8 +164,10 @@ class DetachedBinder:
                 raise MountError(f"attaching {source} at {target.path} failed: {exc.strerror}") from exc
             finally:
                 os.close(directory)
-        finally:
-            os.close(tree)  # an attached mount stays; a detached one that never got attached is freed
+        except BaseException:
+            os.close(tree)  # a detached mount that never got attached is freed with its last descriptor
+            raise
+        return tree  # now names the attached mount, wherever its mount point goes
 
 
 class StagedBinder:
@@ -173,22 +180,28 @@ class StagedBinder:
         self._prepared = False
         self._lock = threading.Lock()
 
-    def bind(self, source: pathlib.Path, target: MountTarget) -> None:
+    def bind(self, source: pathlib.Path, target: MountTarget) -> int:
+        """Attach; a descriptor of the attached mount's root (the caller closes it)."""
         stage = self._stage_point()
         try:
             _mount(bytes(source), stage, syscalls.MS_BIND, f"bind of {source} at the staging point")
+            held = -1
             try:
                 flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | READ_ONLY_FLAGS
                 _mount(None, stage, flags, "read-only remount at the staging point")
                 _require_read_only(os.statvfs(stage).f_flag, _same_file(os.stat(stage), os.stat(source)), source)
+                held = os.open(stage, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the mount's root: moves with it
                 directory = target.open_dir()
                 try:
                     _mount(bytes(stage), pathlib.Path(f"/proc/self/fd/{directory}"), syscalls.MS_MOVE, f"move to {target.path}")
                 finally:
                     os.close(directory)
             except BaseException:
+                if held >= 0:
+                    os.close(held)
                 _umount(str(stage), MNT_DETACH, stage)
                 raise
+            return held
         finally:
             with contextlib.suppress(OSError):  # still busy only if the unmount above failed: that error counts
                 os.rmdir(stage)

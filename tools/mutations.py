@@ -615,9 +615,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="            if not _same_file(os.stat(source), os.lstat(target.at)):",
         new="            if False:",
         guard="after attaching, the target must show the view, or the mount is undone",
-        tests=("tests/test_guard_mounts.py::test_a_target_swapped_during_the_attach_is_not_reported_as_published",
+        tests=("tests/test_guard_mounts.py::test_a_target_swapped_during_the_attach_is_not_reported_as_published_and_leaves_no_mount",
                "tests/test_mounts.py",
                "tests/test_conformance.py"),  # fmt: skip
+    ),
+    Mutation(
+        id="mount-undone-through-its-descriptor",
+        file="csi_wasm/mounts.py",
+        old='            _umount(f"/proc/self/fd/{attached}", MNT_DETACH, target.path)',
+        new="            _umount(target.at, UMOUNT_NOFOLLOW | MNT_DETACH, target.path)",
+        guard="a mount that does not show the view is undone where it landed, not at a path that may name another directory",
+        tests=("tests/test_guard_mounts.py::test_a_target_swapped_during_the_attach_is_not_reported_as_published_and_leaves_no_mount",),
     ),
     Mutation(
         id="target-walk-no-symlinks",
