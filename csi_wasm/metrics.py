@@ -44,7 +44,12 @@ class Metrics:
         self.unpublish_seconds = Histogram(
             "csi_wasm_unpublish_duration_seconds", "NodeUnpublishVolume latency", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.pull_total = Counter("csi_wasm_pulls", "Module downloads by result", ["result"], registry=r)
+        self.pull_total = Counter(
+            "csi_wasm_pulls",
+            "Publishes that went to a registry (store misses), by result; joining a running download counts too",
+            ["result"],
+            registry=r,
+        )
         self.pull_bytes = Counter("csi_wasm_pull_bytes", "Bytes downloaded from registries", registry=r)
         self.pull_seconds = Histogram(
             "csi_wasm_pull_duration_seconds", "Duration of completed module downloads", buckets=LATENCY_BUCKETS, registry=r
