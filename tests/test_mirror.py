@@ -181,6 +181,7 @@ def test_mirror_down_nodes_fall_back_to_the_upstream(fleet: Fleet, pusher: Pushe
     image = fleet.image(pushed, pinned=False)
     fleet.mirror_door.refuse()
     start = fleet.upstream.count()
+    logged = [len(node.log()) for node in fleet.nodes]
     try:
         started = time.monotonic()
         published = _burst(fleet.nodes, image, 2)
@@ -188,6 +189,11 @@ def test_mirror_down_nodes_fall_back_to_the_upstream(fleet: Fleet, pusher: Pushe
     finally:
         fleet.mirror_door.accept()
     assert all(_module_of(node, volume) == module for node, volume in published)
+    # the admin sees why: every node logged the mirror's failure, and that it skips the mirror for a while
+    for node, offset in zip(fleet.nodes, logged):
+        failures = [line for line in node.log()[offset:].splitlines() if "registry.mirror_failed" in line]
+        assert failures, node.name
+        assert all(f"mirror={fleet.mirror_door.host}" in line and "skipped_seconds=60" in line for line in failures), failures
     added = _tally(fleet.upstream, start, repository)
     assert not [kind for kind in added if kind.endswith("by mirror")]
     # each node went to the upstream itself: one download per node, however many pods asked

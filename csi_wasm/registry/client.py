@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -22,14 +23,16 @@ from csi_wasm.config import NodeConfig, PullConfig
 from csi_wasm.credentials import Credentials
 from csi_wasm.errors import AccessDenied, DigestMismatch, ModuleNotFound, RegistryError, UnsupportedLayout
 from csi_wasm.layouts import ACCEPTED_MANIFEST_TYPES
+from csi_wasm.logs import event
 from csi_wasm.reference import Reference
 from csi_wasm.registry.auth import Authenticator
 from csi_wasm.registry.bodies import parse_json
-from csi_wasm.registry.mirrors import MirrorHealth, gave_no_answer
+from csi_wasm.registry.mirrors import MIRROR_SKIP_SECONDS, MirrorHealth, gave_no_answer
 from csi_wasm.registry.retry import Retrier
 from csi_wasm.registry.transport import BlobStream, Endpoint, Exchange, Transport
 
 T = TypeVar("T")
+log = logging.getLogger("csi_wasm.registry")
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # A blob is read up to this much per socket read: fewer, larger chunks through the hash and the file.
 BLOB_CHUNK_BYTES = 1024 * 1024
@@ -191,8 +194,12 @@ class RegistryClient:
             except ModuleNotFound:
                 continue
             except RegistryError as exc:
-                if gave_no_answer(exc):
+                silent = gave_no_answer(exc)
+                if silent:
                     self._mirrors.down(endpoint.host)
+                # an admin who configured the mirror must see it fail: the publish itself goes on upstream
+                event(log, "registry.mirror_failed", logging.WARNING, mirror=endpoint.host, image=str(ref),
+                      reason=exc.reason, error=str(exc), skipped_seconds=MIRROR_SKIP_SECONDS if silent else 0)  # fmt: skip
                 continue
         return self._retrier.run(lambda: attempt(endpoints[-1]), deadline, endpoints[-1].host)
 
