@@ -209,6 +209,12 @@ class Puller:
         return ResolvedModule(entry.module_digest, entry.size, entry.manifest_digest, entry.layout, True)
 
     def _cached_tag(self, ref: Reference, fresh_only: bool) -> str | None:
+        entry = self._tag_entry(ref)
+        if entry is None or (fresh_only and not self._fresh(entry)):
+            return None
+        return entry.manifest_digest
+
+    def _tag_entry(self, ref: Reference) -> _TagEntry | None:
         key = str(ref)
         with self._lock:
             entry = self._tags.get(key)
@@ -219,9 +225,10 @@ class Puller:
             entry = _TagEntry(*remembered)
             with self._lock:
                 self._tags[key] = entry
-        if fresh_only and self._clock() - entry.resolved_at > self._config.tag_cache_seconds:
-            return None
-        return entry.manifest_digest
+        return entry
+
+    def _fresh(self, entry: _TagEntry) -> bool:
+        return self._clock() - entry.resolved_at <= self._config.tag_cache_seconds
 
     def _may_share_stored(
         self, request: ModuleRequest, entry: ManifestEntry, deadline: float | None, admitted: bool = False
@@ -337,12 +344,13 @@ class Puller:
         ref, creds = request.ref, request.credentials
         if ref.digest is not None:
             return None
-        if request.policy is PullPolicy.IF_NOT_PRESENT:
-            fresh = self._cached_tag(ref, fresh_only=True)
-            if fresh is not None:
-                return fresh
-        if self._cached_tag(ref, fresh_only=False) is None:
+        # one look at the tag cache: a publish of the same burst may fill it at any moment, and a tag
+        # first seen as unknown must stay unknown here (its GET is shared), not turn into a HEAD
+        entry = self._tag_entry(ref)
+        if entry is None:
             return None
+        if request.policy is PullPolicy.IF_NOT_PRESENT and self._fresh(entry):
+            return entry.manifest_digest
         digest, _ = self._heads.get(
             ResolutionKey.of(ref, creds, f"HEAD {ref.manifest_key}"),
             lambda: self._client.head_manifest(ref, creds, deadline),

@@ -511,8 +511,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         id="tag-cache-expiry",
         file="csi_wasm/pull.py",
-        old="        if fresh_only and self._clock() - entry.resolved_at > self._config.tag_cache_seconds:",
-        new="        if False:",
+        old="        return self._clock() - entry.resolved_at <= self._config.tag_cache_seconds",
+        new="        return True",
         guard="a resolved tag is served from the store for tag_cache_seconds only, then resolved again",
         tests=("tests/test_isolation.py::test_the_tag_cache_expires",),
     ),
