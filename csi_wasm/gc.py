@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, Protocol
 
 from csi_wasm.config import StoreConfig
-from csi_wasm.logs import EVENT_FIELDS, event
+from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.records import RecordStore
 from csi_wasm.store import ModuleStore
@@ -122,5 +122,5 @@ class GarbageCollector:
             self.collect()
         except Exception as exc:  # noqa: BLE001 - whatever it was, the next interval tries again
             self.metrics.gc_errors.inc()
-            fields = {"error": f"{type(exc).__name__}: {exc}", "retry_in_seconds": interval}
-            log.error("gc.failed", exc_info=True, extra={EVENT_FIELDS: fields})
+            event(log, "gc.failed", logging.ERROR, trace=True, error=f"{type(exc).__name__}: {exc}",
+                  retry_in_seconds=interval)  # fmt: skip

@@ -27,9 +27,10 @@ MAX_FIELD_CHARS = 4096
 _PLAIN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+", re.ASCII)
 
 
-def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(log: logging.Logger, name: str, level: int = logging.INFO, trace: bool = False, **fields: Any) -> None:
+    """One structured line; ``trace``: with the traceback of the exception being handled."""
     if log.isEnabledFor(level):
-        log.log(level, name, extra={EVENT_FIELDS: fields})
+        log.log(level, name, exc_info=trace, extra={EVENT_FIELDS: fields})
 
 
 class JsonFormatter(logging.Formatter):

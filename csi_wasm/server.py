@@ -18,7 +18,7 @@ from csi_wasm.credentials import Keychain, load_docker_config
 from csi_wasm.endpoint import SocketBinding, clear_stale_socket, sweep_stale_bindings
 from csi_wasm.errors import DriverError
 from csi_wasm.gc import GarbageCollector
-from csi_wasm.logs import EVENT_FIELDS, event
+from csi_wasm.logs import event
 from csi_wasm.metrics import Metrics
 from csi_wasm.mounts import LinuxMounter, Mounter
 from csi_wasm.pins import Pins
@@ -100,8 +100,8 @@ class Driver:
                 event(log, "prepull.failed", logging.WARNING, image=image, reason=exc.reason, error=str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end the pre-pull of the rest
-                fields = {"image": image, "reason": "internal", "error": f"{type(exc).__name__}: {exc}"}
-                log.error("prepull.failed", exc_info=True, extra={EVENT_FIELDS: fields})
+                event(log, "prepull.failed", logging.ERROR, trace=True, image=image, reason="internal",
+                      error=f"{type(exc).__name__}: {exc}")  # fmt: skip
                 continue
             self._prepulled.add(module.digest)
             event(log, "prepull", image=image, digest=module.digest, cached=module.from_cache)
