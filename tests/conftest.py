@@ -63,6 +63,14 @@ def proxy(registry: LocalRegistry) -> Iterator["FaultProxy"]:
         yield running
 
 
+@pytest.fixture
+def proxied_csi(tmp_path: pathlib.Path, proxy: "FaultProxy") -> Iterator[RunningDriver]:
+    """A driver whose pods name the shared registry through the fault proxy (``proxy.host``)."""
+    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
+    yield running
+    stop_driver(running)
+
+
 @pytest.fixture(scope="session")
 def pusher(registry: LocalRegistry) -> Pusher:
     return Pusher(registry.host)

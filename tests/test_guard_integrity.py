@@ -10,14 +10,9 @@ again.
 from __future__ import annotations
 
 import os
-import pathlib
-from typing import Iterator
-
-import pytest
 
 import faultproxy as fp
-from conftest import RunningDriver, fast_pull_config, start_driver, stop_driver
-from csi_wasm.config import NodeConfig
+from conftest import RunningDriver
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.wasm_modules import make_module
 
@@ -25,22 +20,15 @@ MODULE = make_module(12 * 1024, "guard-integrity")
 IMPOSTOR = make_module(12 * 1024, "guard-impostor")
 
 
-@pytest.fixture
-def proxied(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
-    yield running
-    stop_driver(running)
-
-
 def test_a_view_linked_to_another_file_is_linked_to_the_module_again(
-    proxied: RunningDriver, proxy: fp.FaultProxy, pusher: Pusher
+    proxied_csi: RunningDriver, proxy: fp.FaultProxy, pusher: Pusher
 ) -> None:
     pushed = pusher.wasm_artifact("guard/integrity", "v1", MODULE)
     image = pushed.reference.replace(pushed.reference.split("/", 1)[0], proxy.host, 1)
-    first = proxied.volume(image)
-    proxied.kubelet.mount(first)
-    proxied.kubelet.unmount(first)
-    store = proxied.driver.store
+    first = proxied_csi.volume(image)
+    proxied_csi.kubelet.mount(first)
+    proxied_csi.kubelet.unmount(first)
+    store = proxied_csi.driver.store
     link = store.views_dir / pushed.module_digest.removeprefix("sha256:") / "plugin.wasm" / "plugin.wasm"
     impostor = link.with_name("impostor")
     impostor.write_bytes(IMPOSTOR)
@@ -48,8 +36,8 @@ def test_a_view_linked_to_another_file_is_linked_to_the_module_again(
     os.replace(impostor, link)  # the module file itself is untouched and still matches its seal
     assert len(IMPOSTOR) == len(MODULE) and link.stat().st_ino != store.module_path(pushed.module_digest).stat().st_ino
 
-    again = proxied.volume(image)
-    assert (proxied.kubelet.mount(again) / "plugin.wasm").read_bytes() == MODULE
+    again = proxied_csi.volume(image)
+    assert (proxied_csi.kubelet.mount(again) / "plugin.wasm").read_bytes() == MODULE
     assert os.path.samestat(link.stat(), store.module_path(pushed.module_digest).stat())
     assert proxy.count(rf"GET /v2/guard/integrity/blobs/{pushed.layer_digest}") == 1  # intact: not fetched again
-    proxied.kubelet.unmount(again)
+    proxied_csi.kubelet.unmount(again)

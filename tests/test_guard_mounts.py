@@ -21,13 +21,12 @@ import grpc
 import pytest
 
 import faultproxy as fp
-from conftest import RunningDriver, fast_pull_config, mount_tree, start_driver, stop_driver, wait_for
+from conftest import RunningDriver, mount_tree, wait_for
 from csi_wasm import syscalls
-from csi_wasm.config import NodeConfig
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import MountError
-from csi_wasm.mounts import READ_ONLY_FLAGS, LinuxMounter, read_mountinfo, unmount_path
+from csi_wasm.mounts import READ_ONLY_FLAGS, LinuxMounter, read_mountinfo
 from csi_wasm.targets import Targets
 
 MODULE = make_module(8 * 1024, "guard-mounts")
@@ -112,13 +111,6 @@ def test_a_target_swapped_during_the_attach_is_not_reported_as_published_and_lea
     assert LinuxMounter().mount_at(path) is None and not (path / "plugin.wasm").exists()
     assert LinuxMounter().mount_at(moved) is None and not (moved / "plugin.wasm").exists()
     assert _mounts_under(tmp_path / "kubelet" / "pods") == [] and _mounts_under(tmp_path / "staging") == []
-
-
-@pytest.fixture
-def proxied_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
-    yield running
-    stop_driver(running)
 
 
 def test_a_volume_dir_replaced_by_another_directory_during_a_slow_pull_gets_nothing_mounted(

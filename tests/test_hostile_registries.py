@@ -61,13 +61,6 @@ def pushed(pusher: Pusher) -> Pushed:
 
 
 
-@pytest.fixture
-def proxied_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
-    yield running
-    stop_driver(running)
-
-
 def _image(pushed: Pushed, host: str) -> str:
     return f"{host}/{pushed.reference.split('/', 1)[1]}"
 

@@ -9,7 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -27,13 +27,6 @@ BLOBS = r"GET /v2/integrity/filter/blobs/"
 @pytest.fixture(scope="module")
 def pushed(pusher: Pusher) -> Pushed:
     return pusher.wasm_artifact("integrity/filter", "v1", MODULE)
-
-
-@pytest.fixture
-def sealed(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
-    yield running
-    stop_driver(running)
 
 
 def stored(csi: RunningDriver) -> pathlib.Path:
@@ -64,38 +57,38 @@ TAMPERING: dict[str, Callable[[pathlib.Path], None]] = {
 
 @pytest.mark.parametrize("how", list(TAMPERING))
 def test_a_tampered_module_is_quarantined_and_fetched_again(
-    sealed: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed, how: str
+    proxied_csi: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed, how: str
 ) -> None:
     reference = f"{proxy.host}/integrity/filter:v1"
-    first = sealed.volume(reference)
-    sealed.kubelet.mount(first)
+    first = proxied_csi.volume(reference)
+    proxied_csi.kubelet.mount(first)
     assert proxy.count(BLOBS) == 1
-    TAMPERING[how](stored(sealed))
+    TAMPERING[how](stored(proxied_csi))
 
-    pinned = sealed.volume(reference, moduleDigest=sha256_digest(MODULE))  # a later pod, pinned by content
-    target = sealed.kubelet.mount(pinned)
+    pinned = proxied_csi.volume(reference, moduleDigest=sha256_digest(MODULE))  # a later pod, pinned by content
+    target = proxied_csi.kubelet.mount(pinned)
     assert (target / "plugin.wasm").read_bytes() == MODULE
     assert proxy.count(BLOBS) == 2  # fetched again
-    assert len(list(sealed.driver.store.quarantine_dir.iterdir())) == 1
-    info = stored(sealed).stat()
+    assert len(list(proxied_csi.driver.store.quarantine_dir.iterdir())) == 1
+    info = stored(proxied_csi).stat()
     assert (info.st_mode, info.st_uid) == (0o100444, 0)
     for volume in (first, pinned):
-        sealed.kubelet.unmount(volume)
+        proxied_csi.kubelet.unmount(volume)
 
 
 def test_a_module_made_setuid_with_its_bytes_intact_is_resealed_not_fetched_again(
-    sealed: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed
+    proxied_csi: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed
 ) -> None:
     reference = f"{proxy.host}/integrity/filter:v1"
-    first = sealed.volume(reference)
-    inode = (sealed.kubelet.mount(first) / "plugin.wasm").stat().st_ino
-    os.chmod(stored(sealed), 0o4755)
-    second = sealed.volume(reference)
-    info = (sealed.kubelet.mount(second) / "plugin.wasm").stat()
+    first = proxied_csi.volume(reference)
+    inode = (proxied_csi.kubelet.mount(first) / "plugin.wasm").stat().st_ino
+    os.chmod(stored(proxied_csi), 0o4755)
+    second = proxied_csi.volume(reference)
+    info = (proxied_csi.kubelet.mount(second) / "plugin.wasm").stat()
     assert (info.st_ino, info.st_mode) == (inode, 0o100444)  # the one shared copy, its mode put back
-    assert proxy.count(BLOBS) == 1 and not sealed.driver.store.quarantine_dir.exists()
+    assert proxy.count(BLOBS) == 1 and not proxied_csi.driver.store.quarantine_dir.exists()
     for volume in (first, second):
-        sealed.kubelet.unmount(volume)
+        proxied_csi.kubelet.unmount(volume)
 
 
 def test_a_module_stored_without_a_seal_is_hashed_once_and_sealed(
@@ -123,16 +116,16 @@ def test_a_module_stored_without_a_seal_is_hashed_once_and_sealed(
         stop_driver(running)
 
 
-def test_store_verify_rehashes_everything(sealed: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed) -> None:
+def test_store_verify_rehashes_everything(proxied_csi: RunningDriver, proxy: fp.FaultProxy, pushed: Pushed) -> None:
     """What a seal cannot see (a rewrite keeping size, mode and owner), `csi-wasm store verify` can."""
-    volume = sealed.volume(f"{proxy.host}/integrity/filter:v1")
-    sealed.kubelet.mount(volume)
-    sealed.kubelet.unmount(volume)
-    rewrite(stored(sealed))
+    volume = proxied_csi.volume(f"{proxy.host}/integrity/filter:v1")
+    proxied_csi.kubelet.mount(volume)
+    proxied_csi.kubelet.unmount(volume)
+    rewrite(stored(proxied_csi))
     verify = subprocess.run([sys.executable, "-m", "csi_wasm", "store", "verify", "--state-dir",
-                             str(sealed.config.state_dir)], capture_output=True, text=True)  # fmt: skip
+                             str(proxied_csi.config.state_dir)], capture_output=True, text=True)  # fmt: skip
     assert verify.returncode == 1 and "0 ok, 1 corrupt" in verify.stdout, verify.stdout + verify.stderr
-    assert not stored(sealed).exists() and not any((sealed.driver.store.root / "seals").iterdir())
+    assert not stored(proxied_csi).exists() and not any((proxied_csi.driver.store.root / "seals").iterdir())
 
 
 def test_pods_of_a_quarantined_module_unpublish_even_after_a_restart(

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from csi_wasm import syscalls
-from csi_wasm.config import ConfigError, NodeConfig
+from csi_wasm.config import ConfigError
 from csi_wasm.demo.push import Pusher
 from csi_wasm.demo.wasm_modules import make_module
 from csi_wasm.errors import InvalidRequest, MountError
@@ -21,7 +21,7 @@ from csi_wasm.targets import Targets
 from csi_wasm.topology import require_shared_pods_dir, share_directory
 
 import faultproxy as fp
-from conftest import RunningDriver, code_of, fast_pull_config, mount_tree, start_driver, stop_driver, wait_for
+from conftest import RunningDriver, code_of, mount_tree, wait_for
 
 MODULE = make_module(8 * 1024, "mounts")
 
@@ -131,13 +131,6 @@ def test_the_walk_refuses_symlinks_files_and_long_names(tmp_path: pathlib.Path, 
         assert message in str(refused.value).replace(str(tmp_path), "<tmp>"), (path, str(refused.value))
     with targets.open(str(csi / "missing" / "mount")) as target:
         assert not target.parent_exists and target.lstat() is None and target.remove()
-
-
-@pytest.fixture
-def proxied_csi(tmp_path: pathlib.Path, proxy: fp.FaultProxy) -> Iterator[RunningDriver]:
-    running = start_driver(tmp_path, NodeConfig(pull=fast_pull_config()).with_insecure([proxy.host]))
-    yield running
-    stop_driver(running)
 
 
 def test_a_volume_dir_swapped_for_a_symlink_during_a_slow_pull_gets_nothing_mounted(
